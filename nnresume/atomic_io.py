@@ -1,0 +1,95 @@
+"""Durable, atomic file placement.
+
+A file becomes visible under its final name only complete: it is written in a staging folder on the same file system,
+fsynced, moved with `os.replace` (atomic on POSIX), and the destination directory is fsynced so the rename itself
+survives a power cut. Staging folders never live inside a configuration folder, because nnU-Net's training lists
+`*.b2nd` there and would take a half-written file for a case.
+
+This module knows nothing of cases or the ledger.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import crashpoints
+
+HASH_NAME = "sha256"
+_BUFSIZE = 1 << 20
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, HASH_NAME).hexdigest()
+
+
+def replace_into(src: str | os.PathLike, dst: str | os.PathLike, sync_dir: bool = True) -> None:
+    """Moves `src` onto `dst` atomically; fsyncs the destination directory unless the caller batches that."""
+    os.replace(src, dst)
+    if sync_dir:
+        fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+@contextlib.contextmanager
+def staged_path(staging_dir: str | os.PathLike, final: str | os.PathLike, crash_point: str | None = None
+                ) -> Iterator[str]:
+    """Yields a path in `staging_dir` to write; on success fsyncs it and moves it onto `final`.
+
+    On an exception the staged file is removed and `final` is left as it was.
+    """
+    os.makedirs(staging_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=Path(final).name + ".", dir=staging_dir)
+    os.close(fd)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        if crash_point:
+            crashpoints.reached(crash_point)
+        replace_into(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(obj: Any, final: str | os.PathLike, staging_dir: str | os.PathLike,
+               dump: Callable[[Any, str], None] | None = None, crash_point: str | None = None) -> None:
+    """Writes JSON atomically. `dump(obj, path)` lets callers keep another writer's exact formatting."""
+    with staged_path(staging_dir, final, crash_point) as tmp:
+        if dump is not None:
+            dump(obj, tmp)
+        else:
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=4)
+
+
+def copy_file(src: str | os.PathLike, final: str | os.PathLike, staging_dir: str | os.PathLike) -> None:
+    """Copies content and modification time (as `shutil.copy2`), atomically."""
+    with staged_path(staging_dir, final) as tmp:
+        shutil.copy2(src, tmp)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    shutil.rmtree(path, ignore_errors=True)
