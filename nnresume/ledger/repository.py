@@ -1,0 +1,488 @@
+"""Named ledger operations. Each is one transaction and returns plain dataclasses, never ORM objects.
+
+Only the orchestrator process calls the writing operations. The one that makes an output real is `output_done`:
+its commit is the moment a case's files in a configuration folder become trusted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from .. import crashpoints
+from . import engine as engine_mod
+from .models import (Artifact, Attempt, Case, Configuration, Fingerprint, InputFile, MemorySample, Output, Run,
+                     RunStatus, TaskState)
+
+
+@dataclass
+class FileRecord:
+    role: str
+    channel: int
+    path: str
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+@dataclass
+class FingerprintRecord:
+    state: TaskState
+    key: Optional[str]
+    input_digest: Optional[str]
+    result_file: Optional[str]
+    result_size: Optional[int]
+    result_sha256: Optional[str]
+    shape_after_crop: Optional[list[Any]]
+    spacing: Optional[list[Any]]
+    attempts: int
+    deaths: int
+    duration_s: Optional[float]
+    peak_rss: Optional[int]
+    estimate_bytes: Optional[int]
+    error: Optional[str]
+
+
+@dataclass
+class OutputRecord:
+    case: str
+    data_identifier: str
+    configuration: str
+    state: TaskState
+    config_hash: Optional[str]
+    input_digest: Optional[str]
+    files: Optional[list[dict[str, Any]]]
+    attempts: int
+    deaths: int
+    duration_s: Optional[float]
+    peak_rss: Optional[int]
+    estimate_bytes: Optional[int]
+    error: Optional[str]
+    updated_at: float
+
+
+@dataclass
+class CaseRecord:
+    name: str
+    input_digest: Optional[str]
+    header: Optional[dict[str, Any]]
+    files: list[FileRecord] = field(default_factory=list)
+    fingerprint: Optional[FingerprintRecord] = None
+    outputs: dict[str, OutputRecord] = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    id: int
+    command: str
+    started_at: float
+    ended_at: Optional[float]
+    status: RunStatus
+    end_reason: Optional[str]
+    arguments: dict[str, Any]
+    host: str
+    pid: int
+    pid_started_at: Optional[float]
+    nnunetv2_version: str
+    nnresume_version: str
+    workers: Optional[int]
+    budget_bytes: Optional[int]
+    peak_tree_rss: Optional[int]
+    log_file: Optional[str]
+
+
+@dataclass
+class ArtifactRecord:
+    name: str
+    key: str
+    size: int
+    sha256: str
+    details: Optional[dict[str, Any]]
+    updated_at: float
+
+
+@dataclass
+class ConfigurationRecord:
+    data_identifier: str
+    configuration: str
+    plans_identifier: str
+    config_hash: str
+
+
+@dataclass
+class AttemptRecord:
+    run_id: int
+    case_name: str
+    stage: str
+    targets: list[str]
+    started_at: float
+    ended_at: float
+    outcome: str
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    peak_rss: Optional[int] = None
+    last_rss: Optional[int] = None
+    estimate_bytes: Optional[int] = None
+    budget_bytes: Optional[int] = None
+    message: Optional[str] = None
+
+
+@dataclass
+class MemorySampleRecord:
+    t: float
+    tree_rss: int
+    available: int
+    budget: int
+    running: int
+
+
+def _fingerprint(fp: Fingerprint) -> FingerprintRecord:
+    return FingerprintRecord(fp.state, fp.key, fp.input_digest, fp.result_file, fp.result_size, fp.result_sha256,
+                             fp.shape_after_crop, fp.spacing, fp.attempts, fp.deaths, fp.duration_s, fp.peak_rss,
+                             fp.estimate_bytes, fp.error)
+
+
+def _output(case: str, o: Output) -> OutputRecord:
+    return OutputRecord(case, o.data_identifier, o.configuration, o.state, o.config_hash, o.input_digest, o.files,
+                        o.attempts, o.deaths, o.duration_s, o.peak_rss, o.estimate_bytes, o.error, o.updated_at)
+
+
+def _run(r: Run) -> RunRecord:
+    return RunRecord(r.id, r.command, r.started_at, r.ended_at, r.status, r.end_reason, r.arguments, r.host, r.pid,
+                     r.pid_started_at, r.nnunetv2_version, r.nnresume_version, r.workers, r.budget_bytes,
+                     r.peak_tree_rss, r.log_file)
+
+
+class Ledger:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._case_ids: dict[str, int] = {}
+
+    @classmethod
+    def open(cls, path: str, create: bool = True) -> "Ledger":
+        return cls(engine_mod.open_engine(path, create=create))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def _case_id(self, s: Session, name: str) -> int:
+        case_id = self._case_ids.get(name)
+        if case_id is None:
+            case_id = s.scalar(select(Case.id).where(Case.name == name))
+            if case_id is None:
+                case = Case(name=name, updated_at=time.time())
+                s.add(case)
+                s.flush()
+                case_id = case.id
+            self._case_ids[name] = case_id
+        return case_id
+
+    # ---- runs -------------------------------------------------------------------------------------------------
+
+    def start_run(self, command: str, arguments: dict[str, Any], host: str, pid: int, pid_started_at: float | None,
+                  nnunetv2_version: str, nnresume_version: str, log_file: str | None) -> int:
+        with self._session() as s, s.begin():
+            run = Run(command=command, started_at=time.time(), status=RunStatus.running, arguments=arguments,
+                      host=host, pid=pid, pid_started_at=pid_started_at, nnunetv2_version=nnunetv2_version,
+                      nnresume_version=nnresume_version, log_file=log_file)
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def update_run(self, run_id: int, **values: Any) -> None:
+        with self._session() as s, s.begin():
+            s.execute(update(Run).where(Run.id == run_id).values(**values))
+
+    def finish_run(self, run_id: int, status: RunStatus, reason: str | None, peak_tree_rss: int | None = None) -> None:
+        values: dict[str, Any] = {"status": status, "end_reason": reason, "ended_at": time.time()}
+        if peak_tree_rss is not None:
+            values["peak_tree_rss"] = peak_tree_rss
+        self.update_run(run_id, **values)
+
+    def runs_in_state(self, status: RunStatus) -> list[RunRecord]:
+        with self._session() as s:
+            return [_run(r) for r in s.scalars(select(Run).where(Run.status == status).order_by(Run.id))]
+
+    def last_run(self, command: str | None = None) -> RunRecord | None:
+        with self._session() as s:
+            q = select(Run).order_by(Run.id.desc()).limit(1)
+            if command:
+                q = q.where(Run.command == command)
+            r = s.scalar(q)
+            return _run(r) if r else None
+
+    def get_run(self, run_id: int) -> RunRecord | None:
+        with self._session() as s:
+            r = s.get(Run, run_id)
+            return _run(r) if r else None
+
+    # ---- cases ------------------------------------------------------------------------------------------------
+
+    def load_cases(self) -> dict[str, CaseRecord]:
+        """Every case with its files, fingerprint and outputs, in three queries."""
+        with self._session() as s:
+            cases = s.scalars(select(Case).options(selectinload(Case.files), selectinload(Case.fingerprint),
+                                                   selectinload(Case.outputs))).all()
+            out = {}
+            for c in cases:
+                self._case_ids[c.name] = c.id
+                out[c.name] = CaseRecord(
+                    name=c.name, input_digest=c.input_digest, header=c.header,
+                    files=[FileRecord(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in c.files],
+                    fingerprint=_fingerprint(c.fingerprint) if c.fingerprint else None,
+                    outputs={o.data_identifier: _output(c.name, o) for o in c.outputs})
+            return out
+
+    def remove_cases(self, names: Iterable[str]) -> None:
+        names = list(names)
+        if not names:
+            return
+        with self._session() as s, s.begin():
+            s.execute(delete(Case).where(Case.name.in_(names)))
+        for n in names:
+            self._case_ids.pop(n, None)
+
+    def set_case_headers(self, headers: dict[str, dict[str, Any] | None]) -> None:
+        with self._session() as s, s.begin():
+            for name, header in headers.items():
+                case_id = self._case_id(s, name)
+                s.execute(update(Case).where(Case.id == case_id).values(header=header))
+
+    def refresh_input_stats(self, name: str, files: list[FileRecord]) -> None:
+        """Records new size/mtime for files whose content hashed to what the ledger already had (a `touch`)."""
+        with self._session() as s, s.begin():
+            self._write_files(s, self._case_id(s, name), files)
+
+    @staticmethod
+    def _write_files(s: Session, case_id: int, files: list[FileRecord]) -> None:
+        s.execute(delete(InputFile).where(InputFile.case_id == case_id))
+        for f in files:
+            s.add(InputFile(case_id=case_id, role=f.role, channel=f.channel, path=f.path, size=f.size,
+                            mtime_ns=f.mtime_ns, digest=f.digest))
+
+    # ---- fingerprint stage ------------------------------------------------------------------------------------
+
+    def _fingerprint_row(self, s: Session, name: str) -> Fingerprint:
+        case_id = self._case_id(s, name)
+        fp = s.get(Fingerprint, case_id)
+        if fp is None:
+            fp = Fingerprint(case_id=case_id, state=TaskState.pending, attempts=0, deaths=0, updated_at=time.time())
+            s.add(fp)
+        return fp
+
+    def fingerprint_started(self, name: str, run_id: int, estimate: int | None) -> None:
+        with self._session() as s, s.begin():
+            fp = self._fingerprint_row(s, name)
+            fp.state, fp.run_id, fp.estimate_bytes, fp.updated_at = TaskState.running, run_id, estimate, time.time()
+            fp.attempts += 1
+
+    def fingerprint_unchanged(self, name: str, files: list[FileRecord]) -> None:
+        """The case's files were touched but hash as before: keep the result, record the new stats."""
+        with self._session() as s, s.begin():
+            fp = self._fingerprint_row(s, name)
+            fp.state, fp.updated_at, fp.error = TaskState.done, time.time(), None
+            self._write_files(s, self._case_id(s, name), files)
+
+    def fingerprint_done(self, name: str, run_id: int, key: str, input_digest: str, files: list[FileRecord],
+                         result_file: str, result_size: int, result_sha256: str, shape_after_crop: list[Any],
+                         spacing: list[Any], duration_s: float, peak_rss: int | None,
+                         header: dict[str, Any] | None) -> None:
+        with self._session() as s, s.begin():
+            case_id = self._case_id(s, name)
+            s.execute(update(Case).where(Case.id == case_id).values(input_digest=input_digest, updated_at=time.time(),
+                                                                    **({"header": header} if header else {})))
+            self._write_files(s, case_id, files)
+            fp = self._fingerprint_row(s, name)
+            fp.state, fp.key, fp.input_digest, fp.run_id = TaskState.done, key, input_digest, run_id
+            fp.result_file, fp.result_size, fp.result_sha256 = result_file, result_size, result_sha256
+            fp.shape_after_crop, fp.spacing, fp.duration_s, fp.peak_rss = shape_after_crop, spacing, duration_s, peak_rss
+            fp.error, fp.deaths, fp.updated_at = None, 0, time.time()
+
+    def fingerprint_ended_badly(self, name: str, state: TaskState, error: str, died: bool,
+                                peak_rss: int | None = None) -> None:
+        """A fingerprint attempt failed (state failed/quarantined) or will be retried (state pending)."""
+        with self._session() as s, s.begin():
+            fp = self._fingerprint_row(s, name)
+            fp.state, fp.error, fp.updated_at = state, error, time.time()
+            if died:
+                fp.deaths += 1
+            if peak_rss is not None:
+                fp.peak_rss = peak_rss
+
+    def reset_fingerprint_deaths(self, names: Iterable[str]) -> None:
+        names = list(names)
+        with self._session() as s, s.begin():
+            for name in names:
+                fp = self._fingerprint_row(s, name)
+                fp.deaths = 0
+
+    # ---- preprocessing stage ----------------------------------------------------------------------------------
+
+    def _output_row(self, s: Session, name: str, data_identifier: str, configuration: str) -> Output:
+        case_id = self._case_id(s, name)
+        o = s.scalar(select(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier))
+        if o is None:
+            o = Output(case_id=case_id, data_identifier=data_identifier, configuration=configuration,
+                       state=TaskState.pending, attempts=0, deaths=0, updated_at=time.time())
+            s.add(o)
+        return o
+
+    def ensure_outputs(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Creates pending rows for (case, data_identifier, configuration) that have none, so `status` counts them."""
+        with self._session() as s, s.begin():
+            existing = {(n, d) for n, d in s.execute(select(Case.name, Output.data_identifier).join(Output.case))}
+            for name, data_identifier, configuration in rows:
+                if (name, data_identifier) not in existing:
+                    self._output_row(s, name, data_identifier, configuration)
+
+    def outputs_started(self, name: str, targets: list[tuple[str, str]], run_id: int, estimate: int | None) -> None:
+        """Marks (data_identifier, configuration) targets running. From now on their old files are not vouched for."""
+        with self._session() as s, s.begin():
+            for data_identifier, configuration in targets:
+                o = self._output_row(s, name, data_identifier, configuration)
+                o.state, o.configuration, o.run_id, o.estimate_bytes = TaskState.running, configuration, run_id, estimate
+                o.attempts += 1
+                o.updated_at = time.time()
+
+    def output_done(self, name: str, data_identifier: str, configuration: str, run_id: int, config_hash: str,
+                    input_digest: str, files: list[dict[str, Any]], duration_s: float, peak_rss: int | None) -> None:
+        """The commit point: after this, the case's files in `data_identifier` are trusted."""
+        with self._session() as s, s.begin():
+            o = self._output_row(s, name, data_identifier, configuration)
+            o.state, o.config_hash, o.input_digest, o.files = TaskState.done, config_hash, input_digest, files
+            o.duration_s, o.peak_rss, o.run_id, o.error, o.deaths = duration_s, peak_rss, run_id, None, 0
+            o.configuration, o.updated_at = configuration, time.time()
+            s.flush()
+            crashpoints.reached("ledger_commit")
+
+    def outputs_ended_badly(self, name: str, data_identifiers: list[str], state: TaskState, error: str, died: bool,
+                            peak_rss: int | None = None) -> None:
+        with self._session() as s, s.begin():
+            case_id = self._case_id(s, name)
+            for o in s.scalars(select(Output).where(Output.case_id == case_id,
+                                                    Output.data_identifier.in_(data_identifiers))):
+                o.state, o.error, o.updated_at = state, error, time.time()
+                if died:
+                    o.deaths += 1
+                if peak_rss is not None:
+                    o.peak_rss = peak_rss
+
+    def invalidate_outputs(self, keys: Iterable[tuple[str, str]], reason: str) -> None:
+        """Marks (case, data_identifier) rows pending: their files are no longer vouched for."""
+        with self._session() as s, s.begin():
+            for name, data_identifier in keys:
+                case_id = self._case_id(s, name)
+                s.execute(update(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier)
+                          .values(state=TaskState.pending, error=reason, updated_at=time.time()))
+
+    def reset_output_deaths(self, keys: Iterable[tuple[str, str]]) -> None:
+        with self._session() as s, s.begin():
+            for name, data_identifier in keys:
+                case_id = self._case_id(s, name)
+                s.execute(update(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier)
+                          .values(deaths=0))
+
+    def remove_outputs(self, keys: Iterable[tuple[str, str]]) -> None:
+        with self._session() as s, s.begin():
+            for name, data_identifier in keys:
+                case_id = self._case_id(s, name)
+                s.execute(delete(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier))
+
+    def reset_running(self) -> int:
+        """Rows left `running` by a run that died go back to pending. Returns how many."""
+        with self._session() as s, s.begin():
+            n = s.execute(update(Output).where(Output.state == TaskState.running)
+                          .values(state=TaskState.pending, error="interrupted while running")).rowcount
+            n += s.execute(update(Fingerprint).where(Fingerprint.state == TaskState.running)
+                           .values(state=TaskState.pending, error="interrupted while running")).rowcount
+            return n
+
+    # ---- configurations and artifacts -------------------------------------------------------------------------
+
+    def set_configurations(self, configurations: list[ConfigurationRecord]) -> None:
+        with self._session() as s, s.begin():
+            s.execute(delete(Configuration))
+            for c in configurations:
+                s.add(Configuration(data_identifier=c.data_identifier, configuration=c.configuration,
+                                    plans_identifier=c.plans_identifier, config_hash=c.config_hash,
+                                    updated_at=time.time()))
+
+    def configurations(self) -> list[ConfigurationRecord]:
+        with self._session() as s:
+            return [ConfigurationRecord(c.data_identifier, c.configuration, c.plans_identifier, c.config_hash)
+                    for c in s.scalars(select(Configuration).order_by(Configuration.data_identifier))]
+
+    def get_artifact(self, name: str) -> ArtifactRecord | None:
+        with self._session() as s:
+            a = s.get(Artifact, name)
+            return ArtifactRecord(a.name, a.key, a.size, a.sha256, a.details, a.updated_at) if a else None
+
+    def artifacts(self) -> list[ArtifactRecord]:
+        with self._session() as s:
+            return [ArtifactRecord(a.name, a.key, a.size, a.sha256, a.details, a.updated_at)
+                    for a in s.scalars(select(Artifact).order_by(Artifact.name))]
+
+    def set_artifact(self, name: str, key: str, size: int, sha256: str, run_id: int,
+                     details: dict[str, Any] | None = None) -> None:
+        with self._session() as s, s.begin():
+            a = s.get(Artifact, name)
+            if a is None:
+                a = Artifact(name=name)
+                s.add(a)
+            a.key, a.size, a.sha256, a.run_id, a.details, a.updated_at = key, size, sha256, run_id, details, time.time()
+
+    def remove_artifact(self, name: str) -> None:
+        with self._session() as s, s.begin():
+            s.execute(delete(Artifact).where(Artifact.name == name))
+
+    # ---- records for status and reports -----------------------------------------------------------------------
+
+    def add_attempt(self, a: AttemptRecord) -> None:
+        with self._session() as s, s.begin():
+            s.add(Attempt(run_id=a.run_id, case_name=a.case_name, stage=a.stage, targets=a.targets,
+                          started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome, exit_code=a.exit_code,
+                          signal=a.signal, peak_rss=a.peak_rss, last_rss=a.last_rss, estimate_bytes=a.estimate_bytes,
+                          budget_bytes=a.budget_bytes, message=a.message))
+
+    def attempts(self, run_id: int | None = None) -> list[AttemptRecord]:
+        with self._session() as s:
+            q = select(Attempt).order_by(Attempt.id)
+            if run_id is not None:
+                q = q.where(Attempt.run_id == run_id)
+            return [AttemptRecord(a.run_id, a.case_name, a.stage, a.targets, a.started_at, a.ended_at, a.outcome,
+                                  a.exit_code, a.signal, a.peak_rss, a.last_rss, a.estimate_bytes, a.budget_bytes,
+                                  a.message) for a in s.scalars(q)]
+
+    def add_memory_samples(self, run_id: int, samples: list[MemorySampleRecord]) -> None:
+        if not samples:
+            return
+        with self._session() as s, s.begin():
+            s.add_all([MemorySample(run_id=run_id, t=m.t, tree_rss=m.tree_rss, available=m.available,
+                                    budget=m.budget, running=m.running) for m in samples])
+
+    def memory_samples(self, run_id: int) -> list[MemorySampleRecord]:
+        with self._session() as s:
+            return [MemorySampleRecord(m.t, m.tree_rss, m.available, m.budget, m.running)
+                    for m in s.scalars(select(MemorySample).where(MemorySample.run_id == run_id)
+                                       .order_by(MemorySample.t))]
+
+    def state_counts(self) -> dict[str, dict[str, int]]:
+        """{"fingerprint": {state: n}, "<data_identifier>": {state: n}, ...}"""
+        with self._session() as s:
+            out: dict[str, dict[str, int]] = {}
+            for state, n in s.execute(select(Fingerprint.state, func.count()).group_by(Fingerprint.state)):
+                out.setdefault("fingerprint", {})[state.value] = n
+            for ident, state, n in s.execute(select(Output.data_identifier, Output.state, func.count())
+                                             .group_by(Output.data_identifier, Output.state)):
+                out.setdefault(ident, {})[state.value] = n
+            return out
+
+    def integrity_check(self) -> str:
+        with self.engine.connect() as c:
+            return str(c.exec_driver_sql("PRAGMA integrity_check").scalar())
