@@ -1,0 +1,281 @@
+"""The adapter to nnU-Net v2: the only module that imports nnunetv2.
+
+It runs nnU-Net's own classes (fingerprint extractor, reader/writers, planners, preprocessors, the blosc2 writer) on one
+case at a time and never decides where a file ends up: callers give it staging paths, and the orchestrator moves
+finished files into place. Two pieces of nnU-Net are re-expressed here because nnU-Net keeps them inside methods that
+do more than we may do (`DatasetFingerprintExtractor.run` spawns its own pool and writes non-atomically;
+`ExperimentPlanner.save_plans` writes non-atomically): the fingerprint aggregation and the plans merge are copied from
+nnunetv2 2.8.1 line for line, and `tests/test_identity.py` checks the results against nnU-Net's own command.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pickle
+from copy import deepcopy
+from pathlib import Path
+from types import MethodType
+from typing import Any, Callable, Optional
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+import nnunetv2
+import nnunetv2.paths
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
+                                                     recursive_find_reader_writer_by_name)
+from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from . import atomic_io, crashpoints
+from .errors import DatasetError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class _LogWriter(io.TextIOBase):
+    """A file-like object that sends nnU-Net's prints to our log, line by line, at DEBUG."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.buffer_ = logger, ""
+
+    def write(self, s: str) -> int:
+        self.buffer_ += s
+        while "\n" in self.buffer_:
+            line, self.buffer_ = self.buffer_.split("\n", 1)
+            if line.strip():
+                self.logger.debug("nnU-Net: %s", line)
+        return len(s)
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """nnU-Net prints freely; inside this block its output goes to the debug log instead of the terminal."""
+    writer = _LogWriter(log)
+    with contextlib.redirect_stdout(writer):
+        yield
+
+
+def find_class(folder: tuple[str, ...], name: str, module: str, what: str) -> type:
+    cls = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], *folder), name, current_module=module)
+    if cls is None:
+        raise UsageError(f"{what} class {name!r} not found in {module}",
+                         f"it must be defined in a module below nnunetv2/{'/'.join(folder)}")
+    return cls
+
+
+def fingerprint_extractor_class(name: str) -> type:
+    return find_class(("experiment_planning",), name, "nnunetv2.experiment_planning", "fingerprint extractor")
+
+
+def planner_class(name: str) -> type:
+    return find_class(("experiment_planning",), name, "nnunetv2.experiment_planning", "experiment planner")
+
+
+def preprocessor_class(name: str) -> type:
+    return find_class(("preprocessing",), name, "nnunetv2.preprocessing", "preprocessor")
+
+
+def reader_writer_name(dataset_json: dict[str, Any], example_files: list[str]) -> str:
+    """The reader/writer nnU-Net picks for this dataset.
+
+    nnU-Net tries the readers for the file ending on the first case's first image. When that one file is corrupt,
+    nnU-Net fails the whole run; here the next case's image is tried, so the corrupt case fails on its own.
+    """
+    last: Exception | None = None
+    with quiet(), contextlib.redirect_stderr(_LogWriter(log)):
+        for example_file in example_files:
+            try:
+                return determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False).__name__
+            except RuntimeError as e:
+                last = e
+    raise DatasetError(f"no nnU-Net reader can open the images of this dataset ({last})",
+                       "check file_ending in dataset.json and that the files are valid images")
+
+
+def reader_writer(name: str) -> type:
+    return recursive_find_reader_writer_by_name(name)
+
+
+# ---- fingerprint ------------------------------------------------------------------------------------------------
+
+ReaderWrap = Optional[Callable[[type], type]]
+
+
+def analyze_case(extractor: str, images: list[str], label: str, reader: str, num_samples: int,
+                 wrap_reader: ReaderWrap = None) -> tuple:
+    """One case's fingerprint, by the extractor class's own `analyze_case`.
+
+    `wrap_reader` may substitute a subclass of the reader/writer class (nnresume's input checks).
+    """
+    cls = fingerprint_extractor_class(extractor)
+    rw = reader_writer(reader)
+    return cls.analyze_case(images, label, wrap_reader(rw) if wrap_reader else rw, num_samples)
+
+
+def aggregate_fingerprint(results: list[tuple], dataset_json: dict[str, Any]) -> dict[str, Any]:
+    """`DatasetFingerprintExtractor.run`'s aggregation, from nnunetv2 2.8.1, over per-case results in nnU-Net's order."""
+    shapes_after_crop = [r[0] for r in results]
+    spacings = [r[1] for r in results]
+    foreground_intensities_per_channel = [np.concatenate([r[2][i] for r in results]) for i in
+                                          range(len(results[0][2]))]
+    foreground_intensities_per_channel = np.array(foreground_intensities_per_channel)
+    median_relative_size_after_cropping = np.median([r[4] for r in results], 0)
+    num_channels = len(dataset_json['channel_names'].keys()
+                       if 'channel_names' in dataset_json.keys()
+                       else dataset_json['modality'].keys())
+    intensity_statistics_per_channel = {}
+    percentiles = np.array((0.5, 50.0, 99.5))
+    for i in range(num_channels):
+        percentile_00_5, median, percentile_99_5 = np.percentile(foreground_intensities_per_channel[i], percentiles)
+        intensity_statistics_per_channel[i] = {
+            'mean': float(np.mean(foreground_intensities_per_channel[i])),
+            'median': float(median),
+            'std': float(np.std(foreground_intensities_per_channel[i])),
+            'min': float(np.min(foreground_intensities_per_channel[i])),
+            'max': float(np.max(foreground_intensities_per_channel[i])),
+            'percentile_99_5': float(percentile_99_5),
+            'percentile_00_5': float(percentile_00_5),
+        }
+    return {
+        "spacings": spacings,
+        "shapes_after_crop": shapes_after_crop,
+        'foreground_intensity_properties_per_channel': intensity_statistics_per_channel,
+        "median_relative_size_after_cropping": median_relative_size_after_cropping
+    }
+
+
+def write_fingerprint(fingerprint: dict[str, Any], final: str, staging: str) -> None:
+    """Written with nnU-Net's own `save_json`, so the file is byte-identical to the one nnU-Net writes."""
+    atomic_io.write_json(fingerprint, final, staging, dump=save_json, crash_point="fingerprint_aggregate")
+
+
+# ---- planning -----------------------------------------------------------------------------------------------------
+
+def _atomic_save_plans(staging: str) -> Callable[[Any, dict], None]:
+    def save_plans(self: Any, plans: dict) -> None:
+        # ExperimentPlanner.save_plans from nnunetv2 2.8.1, writing through a staging file
+        recursive_fix_for_json_export(plans)
+        plans_file = os.path.join(str(nnunetv2.paths.nnUNet_preprocessed), self.dataset_name,
+                                  self.plans_identifier + '.json')
+        if os.path.isfile(plans_file):
+            old_plans = load_json(plans_file)
+            old_configurations = old_plans['configurations']
+            for c in plans['configurations'].keys():
+                if c in old_configurations.keys():
+                    del (old_configurations[c])
+            plans['configurations'].update(old_configurations)
+        os.makedirs(os.path.dirname(plans_file), exist_ok=True)
+        atomic_io.write_json(plans, plans_file, staging, dump=lambda o, p: save_json(o, p, sort_keys=False),
+                             crash_point="plans_write")
+    return save_plans
+
+
+@contextlib.contextmanager
+def _one_pass_case_listing() -> Any:
+    """The planner lists cases with nnU-Net's quadratic matcher in a pool of 12 forked processes; for large datasets
+    that takes minutes. `dataset.list_cases` gives the same result in one pass (tests/test_dataset.py)."""
+    from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner as dep
+
+    from .dataset import list_cases
+
+    def listing(raw_dataset_folder: str, dataset_json: Optional[dict] = None) -> dict:
+        if dataset_json is None:
+            dataset_json = load_json(os.path.join(raw_dataset_folder, 'dataset.json'))
+        return {k: {'images': list(v.images), 'label': v.label}
+                for k, v in list_cases(Path(raw_dataset_folder), dataset_json).items()}
+
+    original = dep.get_filenames_of_train_images_and_targets
+    dep.get_filenames_of_train_images_and_targets = listing
+    try:
+        yield
+    finally:
+        dep.get_filenames_of_train_images_and_targets = original
+
+
+def plan(dataset_name: str, planner: str, gpu_memory_target: Optional[float], preprocessor_name: str,
+         overwrite_target_spacing: Optional[tuple[float, ...]], overwrite_plans_name: Optional[str],
+         staging: str, reader_writer_name: Optional[str] = None) -> str:
+    """Runs the planner as `plan_experiment_dataset` does; returns the plans identifier.
+
+    The plans JSON is written atomically. The planner also copies dataset.json (and splits_final.json) into the
+    preprocessed folder with plain copies; the caller rewrites dataset.json atomically afterwards. With
+    `reader_writer_name`, the planner records that reader instead of trying to open the first case again (which
+    fails the whole planning when that one case is corrupt).
+    """
+    cls = planner_class(planner)
+    kwargs: dict[str, Any] = {}
+    if overwrite_plans_name is not None:
+        kwargs['plans_name'] = overwrite_plans_name
+    if gpu_memory_target is not None:
+        kwargs['gpu_memory_target_in_gb'] = gpu_memory_target
+    with quiet(), _one_pass_case_listing():
+        instance = cls(dataset_name, preprocessor_name=preprocessor_name,
+                       overwrite_target_spacing=[float(i) for i in overwrite_target_spacing]
+                       if overwrite_target_spacing is not None else overwrite_target_spacing,
+                       suppress_transpose=False, **kwargs)
+        instance.save_plans = MethodType(_atomic_save_plans(staging), instance)
+        if reader_writer_name is not None:
+            chosen = reader_writer(reader_writer_name)
+            instance.determine_reader_writer = lambda: chosen
+        instance.plan_experiment()
+    return instance.plans_identifier
+
+
+def verify_dataset_integrity(raw_folder: str, num_processes: int) -> None:
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity as verify
+
+    try:
+        with quiet():
+            verify(raw_folder, num_processes)
+    except (AssertionError, RuntimeError, FileNotFoundError) as e:
+        raise DatasetError(f"nnU-Net's dataset integrity check failed for {raw_folder}: {e}") from None
+
+
+# ---- preprocessing ------------------------------------------------------------------------------------------------
+
+def read_case(plans: dict[str, Any], images: list[str], label: str,
+              wrap_reader: ReaderWrap = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What `DefaultPreprocessor.run_case` reads, read once for all configurations of a case."""
+    cls = PlansManager(plans).image_reader_writer_class
+    rw = (wrap_reader(cls) if wrap_reader else cls)()
+    data, properties = rw.read_images(images)
+    seg, _ = rw.read_seg(label)
+    return data, seg, properties
+
+
+def preprocess_configuration(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
+                             images: list[str], label: str, output_prefix: str,
+                             read: Optional[tuple[np.ndarray, np.ndarray, dict]]) -> None:
+    """Writes `<output_prefix>.b2nd`, `_seg.b2nd` and `.pkl` with the configuration's preprocessor's `run_case_save`.
+
+    When the preprocessor reads cases the default way, `read` (the case already read by `read_case`) stands in for
+    reading the files again; `run_case_npy` copies its inputs, so one read serves every configuration. A preprocessor
+    with its own `run_case` reads for itself.
+    """
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    if read is not None and type(preprocessor).run_case is DefaultPreprocessor.run_case:
+        data, seg, properties = read
+
+        def run_case(self: Any, image_files: Any, seg_file: Any, pm: Any, cm: Any, dj: Any) -> tuple:
+            return self.run_case_npy(data, seg, deepcopy(properties), pm, cm, dj)
+
+        preprocessor.run_case = MethodType(run_case, preprocessor)
+    with quiet():
+        preprocessor.run_case_save(output_prefix, images, label, plans_manager, configuration_manager, dataset_json)
+
+
+def data_identifier(plans: dict[str, Any], configuration: str) -> str:
+    return PlansManager(plans).get_configuration(configuration).data_identifier
+
+
+def load_pickle(path: str) -> Any:
+    with open(path, "rb") as f:
+        return pickle.load(f)

@@ -1,0 +1,135 @@
+"""What the orchestrator sends to a worker and what comes back: plain, picklable dataclasses.
+
+This is the whole contract between the orchestrator and whatever runs cases (local processes today). A task names
+its inputs and a staging folder; results name staged files with their size and checksum. Workers never write the
+ledger and never write into a configuration folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+@dataclass(frozen=True)
+class InputFileInfo:
+    role: str  # "image" or "label"
+    channel: int  # -1 for the label
+    path: str
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    name: str  # final file name in its data folder
+    staged_path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Target:
+    data_identifier: str
+    configuration: str  # "gt_segmentations" for the label copy
+
+
+@dataclass(frozen=True)
+class FingerprintTask:
+    task_id: str
+    case: str
+    files: tuple[tuple[str, int, str], ...]  # (role, channel, path)
+    extractor: str
+    reader_writer: str
+    num_samples: int
+    staging_dir: str
+    dataset_json: dict[str, Any] = field(default_factory=dict)
+    known: tuple[InputFileInfo, ...] = ()  # the ledger's view; files whose stat matches are not hashed again
+    reuse_if_unchanged: bool = False  # the ledger's result is valid if the content is unchanged
+
+    @property
+    def stage(self) -> str:
+        return "fingerprint"
+
+    @property
+    def targets(self) -> list[str]:
+        return ["fingerprint"]
+
+
+@dataclass(frozen=True)
+class PreprocessTask:
+    task_id: str
+    case: str
+    images: tuple[str, ...]
+    label: str
+    expected: tuple[InputFileInfo, ...]  # what the fingerprint stage hashed; any change aborts the task
+    plans: dict[str, Any]
+    dataset_json: dict[str, Any]
+    targets_: tuple[Target, ...]
+    staging_dir: str
+
+    @property
+    def stage(self) -> str:
+        return "preprocess"
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.data_identifier for t in self.targets_]
+
+
+Task = Union[FingerprintTask, PreprocessTask]
+
+
+@dataclass(frozen=True)
+class FingerprintResult:
+    case: str
+    files: tuple[InputFileInfo, ...]
+    input_digest: str
+    unchanged: bool  # content hashed as the ledger had it and the ledger's result is still valid
+    result: Optional[StagedFile] = None
+    shape_after_crop: Optional[list[Any]] = None
+    spacing: Optional[list[Any]] = None
+    header: Optional[dict[str, Any]] = None
+    duration_s: float = 0.0
+    peak_rss: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class OutputResult:
+    case: str
+    target: Target
+    files: tuple[StagedFile, ...]
+    duration_s: float
+    peak_rss: Optional[int]
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """A Python-level failure inside the worker. `kind` is "case" (bad input or an nnU-Net error for this case),
+    "memory" (MemoryError: retried with more room) or "disk" (ENOSPC/EDQUOT: the run stops admitting)."""
+
+    case: str
+    targets: list[str]
+    kind: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class TaskFinished:
+    duration_s: float
+    peak_rss: Optional[int]
+
+
+Message = Union[FingerprintResult, OutputResult, TaskFailed, TaskFinished]
+
+
+@dataclass
+class Death:
+    """A worker that ended without saying it finished: killed by a signal, or exited abnormally."""
+
+    exit_code: Optional[int]
+    signal: Optional[int] = None
+    killed_by_us: bool = False
+    last_rss: Optional[int] = None
+    extra: dict[str, Any] = field(default_factory=dict)

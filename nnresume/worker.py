@@ -1,0 +1,221 @@
+"""The child side: run one task, write its files into staging, report back over a pipe.
+
+A worker process is forked from a forkserver that imported this module (and so nnunetv2) once, which saves the ~4 s
+of imports a fresh interpreter per case would cost. It ignores SIGINT and SIGTERM (the orchestrator decides when
+running cases stop) and dies with its parent (PR_SET_PDEATHSIG), so a killed orchestrator leaves no worker behind.
+
+Messages sent: a FingerprintResult, or one OutputResult per configuration as soon as its files are staged (so the
+orchestrator commits each as it comes), then TaskFinished; or TaskFailed. A worker that dies sends nothing more; the
+orchestrator learns of it from the process sentinel.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import pickle
+import signal
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+from . import atomic_io, crashpoints, dataset, validate
+from .errors import CaseError, InputChangedError
+from .tasks import (FingerprintResult, FingerprintTask, InputFileInfo, OutputResult, PreprocessTask, StagedFile,
+                    Target, TaskFailed, TaskFinished)
+
+# Importing the adapter here makes the forkserver preload nnunetv2 once for every worker it forks.
+from . import nnunet  # noqa: E402
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> None:
+    """Resets the kernel's peak-RSS mark for this process, so each configuration's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def input_digest(files: list[InputFileInfo]) -> str:
+    """A case's input digest: its files' digests, in role/channel order."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: (f.role != "image", f.channel)):
+        h.update(f"{f.role}:{f.channel}:{f.digest}\n".encode())
+    return h.hexdigest()
+
+
+def _stat(case: str, path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise CaseError(case, "file is missing", path) from None
+    except OSError as e:
+        raise CaseError(case, f"cannot read file: {e.strerror}", path) from None
+
+
+def _hash(case: str, path: str) -> str:
+    try:
+        return atomic_io.file_digest(path)
+    except OSError as e:
+        raise CaseError(case, f"cannot read file: {e.strerror}", path) from None
+
+
+def _stage_files(staging_dir: str, case: str, names: list[str], write: Callable[[str], None]) -> tuple[StagedFile, ...]:
+    """Runs `write(prefix)` in a fresh folder, fsyncs what it wrote and returns name, size and checksum of each."""
+    os.makedirs(staging_dir, exist_ok=False)
+    write(os.path.join(staging_dir, case))
+    staged = []
+    for name in names:
+        path = os.path.join(staging_dir, name)
+        atomic_io.fsync_file(path)
+        staged.append(StagedFile(name, path, os.path.getsize(path), atomic_io.file_digest(path)))
+    atomic_io.fsync_dir(staging_dir)
+    crashpoints.reached("staged")
+    return tuple(staged)
+
+
+def _validating(case: str, images: list[str], label: str, dataset_json: dict[str, Any]) -> Callable[[type], type]:
+    return lambda cls: validate.validating_reader(cls, case, images, label, dataset_json)
+
+
+def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
+    t0 = time.time()
+    known = {f.path: f for f in task.known}
+    files = []
+    for role, channel, path in task.files:
+        st = _stat(task.case, path)
+        k = known.get(path)
+        same_stat = k is not None and k.size == st.st_size and k.mtime_ns == st.st_mtime_ns
+        digest = k.digest if same_stat else _hash(task.case, path)
+        files.append(InputFileInfo(role, channel, path, st.st_size, st.st_mtime_ns, digest))
+    digest = input_digest(files)
+    if task.reuse_if_unchanged and task.known and digest == input_digest(list(task.known)):
+        send(FingerprintResult(task.case, tuple(files), digest, unchanged=True, duration_s=time.time() - t0))
+        return
+
+    images = [p for r, _, p in task.files if r == "image"]
+    label = next(p for r, _, p in task.files if r == "label")
+    header = dataset.read_header(images[0]) if images else None
+    validate.before_read(task.case, images, label)
+    wrap = _validating(task.case, images, label, task.dataset_json)
+    result = validate.wrap_nnunet_errors(
+        task.case, "fingerprint", images, label,
+        lambda: nnunet.analyze_case(task.extractor, images, label, task.reader_writer, task.num_samples, wrap))
+    for f in files:
+        st = _stat(task.case, f.path)
+        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise InputChangedError(task.case, "file changed while it was being read", f.path,
+                                    "rerun once the file is complete")
+    name = f"{task.case}.pkl"
+
+    def write(prefix: str) -> None:
+        with open(prefix + ".pkl", "wb") as fh:
+            pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+    (staged,) = _stage_files(task.staging_dir, task.case, [name], write)
+    shape_after_crop, spacing = result[0], result[1]
+    send(FingerprintResult(task.case, tuple(files), digest, unchanged=False, result=staged,
+                           shape_after_crop=[int(s) for s in shape_after_crop], spacing=[float(s) for s in spacing],
+                           header=header, duration_s=time.time() - t0, peak_rss=peak_rss()))
+
+
+def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
+    for f in task.expected:
+        st = _stat(task.case, f.path)
+        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise InputChangedError(task.case, "file changed after its fingerprint was taken", f.path,
+                                    "rerun: the case will be fingerprinted and preprocessed again")
+    needs_read = any(t.data_identifier != dataset.GT_IDENTIFIER for t in task.targets_)
+    validate.before_read(task.case, list(task.images), task.label)
+    read = None
+    if needs_read:
+        wrap = _validating(task.case, list(task.images), task.label, task.dataset_json)
+        read = validate.wrap_nnunet_errors(task.case, "read", list(task.images), task.label,
+                                           lambda: nnunet.read_case(task.plans, list(task.images), task.label, wrap))
+    for f in task.expected:
+        st = _stat(task.case, f.path)
+        if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise InputChangedError(task.case, "file changed while it was being read", f.path)
+
+    ending = task.dataset_json["file_ending"]
+    for i, target in enumerate(task.targets_):
+        reset_peak_rss()
+        t0 = time.time()
+        staging = os.path.join(task.staging_dir, f"{i}-{target.data_identifier}")
+        names = dataset.output_names(task.case, target.data_identifier, ending)
+        if target.data_identifier == dataset.GT_IDENTIFIER:
+            def write(prefix: str) -> None:
+                import shutil
+                shutil.copy2(task.label, prefix + ending)
+        else:
+            def write(prefix: str, target: Target = target) -> None:
+                validate.wrap_nnunet_errors(
+                    task.case, target.configuration, list(task.images), task.label,
+                    lambda: nnunet.preprocess_configuration(task.plans, target.configuration, task.dataset_json,
+                                                            list(task.images), task.label, prefix, read))
+        staged = _stage_files(staging, task.case, names, write)
+        send(OutputResult(task.case, target, staged, time.time() - t0, peak_rss()))
+
+
+def run_task(task: Any, send: Callable[[Any], None]) -> None:
+    """Runs a task and reports its outcome through `send`. Never raises for a case's own failure."""
+    t0 = time.time()
+    try:
+        if isinstance(task, FingerprintTask):
+            run_fingerprint(task, send)
+        elif isinstance(task, PreprocessTask):
+            run_preprocess(task, send)
+        else:
+            raise TypeError(f"unknown task {task!r}")
+    except CaseError as e:
+        send(TaskFailed(task.case, task.targets, "case", str(e)))
+        return
+    except MemoryError:
+        send(TaskFailed(task.case, task.targets, "memory",
+                        f"case {task.case}: out of memory (MemoryError) in {task.stage}", traceback.format_exc()))
+        return
+    except OSError as e:
+        kind = "disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "case"
+        where = f" ({e.filename})" if e.filename else ""
+        send(TaskFailed(task.case, task.targets, kind,
+                        f"case {task.case}{where}: {e.strerror or e} during {task.stage}", traceback.format_exc()))
+        return
+    except Exception as e:  # an nnU-Net error we did not anticipate: report it against the case, with the traceback
+        send(TaskFailed(task.case, task.targets, "case",
+                        f"case {task.case}: {type(e).__name__}: {e} ({task.stage})", traceback.format_exc()))
+        return
+    send(TaskFinished(time.time() - t0, peak_rss()))
+
+
+def worker_main(conn: Any, task: Any) -> None:
+    """Entry point of a worker process."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        run_task(task, conn.send)
+    finally:
+        conn.close()
