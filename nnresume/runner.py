@@ -1,0 +1,282 @@
+"""The loop that runs a stage's tasks: admit by the governor's decision, collect results, classify deaths, retry.
+
+One loop for both stages. What is stage-specific (building a task, committing a result to the ledger, recording a
+failure) goes through `StageHandler`; what is about processes and memory stays here. The loop never blocks for long:
+it wakes at least five times a second to sample memory and to notice a dead worker, a signal, or a full disk.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+from .config import format_bytes
+from .ledger.models import TaskState
+from .ledger.repository import AttemptRecord, MemorySampleRecord
+from .memory import Estimator, Readings, RunningCase, Thresholds, TreeSampler, decide
+from .pool import Ended, LocalPool, Received, describe_signal
+from .scheduler import QueueItem, Scheduler
+from .tasks import Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
+
+log = logging.getLogger(__name__)
+
+TICK = 0.2
+
+
+class StopFlag:
+    """Set by signal handlers (which do nothing else); read by the loop."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self.exit_code: int = 0
+        self.at: Optional[float] = None
+
+    def set(self, signal_name: str, exit_code: int) -> None:
+        if self.signal_name is None:
+            self.signal_name, self.exit_code, self.at = signal_name, exit_code, time.monotonic()
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+class StageHandler(Protocol):
+    stage: str
+
+    def build(self, item: QueueItem, attempt: int) -> Any: ...
+    def started(self, item: QueueItem) -> None: ...
+    def received(self, item: QueueItem, message: Any) -> None: ...
+    def ended_badly(self, item: QueueItem, state: TaskState, message: str, died: bool, peak: Optional[int]) -> None: ...
+    def remaining_units(self, item: QueueItem) -> dict[str, int]: ...
+
+
+@dataclass
+class _Running:
+    item: QueueItem
+    task: Any
+    started: float
+    wall_started: float
+    alone: bool
+    memory: int = 0
+    peak_memory: int = 0
+    failure: Optional[TaskFailed] = None
+    peak_rss: Optional[int] = None
+    stop_requested: bool = False
+
+
+@dataclass
+class StageStats:
+    done: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    retried: int = 0
+    stopped: int = 0
+    peak_tree: int = 0
+    halted: Optional[str] = None
+    messages: list[str] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(self, pool: LocalPool, budget: int, max_workers: int, estimator: Estimator, run_id: int,
+                 record_attempt: Callable[[AttemptRecord], None],
+                 record_samples: Callable[[list[MemorySampleRecord]], None],
+                 stop: StopFlag, grace_seconds: float, thresholds: Thresholds = Thresholds(),
+                 sampler: Optional[TreeSampler] = None, progress: Any = None) -> None:
+        self.pool, self.budget, self.max_workers, self.estimator = pool, budget, max_workers, estimator
+        self.run_id, self.record_attempt, self.record_samples = run_id, record_attempt, record_samples
+        self.stop, self.grace, self.thresholds = stop, grace_seconds, thresholds
+        self.sampler = sampler or TreeSampler()
+        self.progress = progress
+        self.peak_tree = 0
+        self._t0 = time.monotonic()
+        self._samples: list[MemorySampleRecord] = []
+        self._last_kept = -1.0
+        self._last_flush = time.monotonic()
+        self.readings: Optional[Readings] = None
+
+    # ---- memory -----------------------------------------------------------------------------------------------
+
+    def _sample(self, running: dict[str, _Running]) -> Readings:
+        readings = self.sampler.sample(self.pool.overhead_pids(), self.pool.pids())
+        for task_id, mem in readings.per_task.items():
+            r = running.get(task_id)
+            if r is not None:
+                r.memory = mem
+                r.peak_memory = max(r.peak_memory, mem)
+        self.peak_tree = max(self.peak_tree, readings.tree)
+        t = time.monotonic() - self._t0
+        if t - self._last_kept >= 1.0:
+            self._samples.append(MemorySampleRecord(time.time(), readings.tree, readings.available, self.budget,
+                                                    len(running)))
+            self._last_kept = t
+        if time.monotonic() - self._last_flush > 5 and self._samples:
+            self.flush_samples()
+        self.readings = readings
+        return readings
+
+    def flush_samples(self) -> None:
+        samples, self._samples = self._samples, []
+        self._last_flush = time.monotonic()
+        self.record_samples(samples)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def run(self, scheduler: Scheduler, handler: StageHandler) -> StageStats:
+        stats = StageStats()
+        running: dict[str, _Running] = {}
+        attempts: dict[str, int] = {}
+        stops_pending = 0
+        grace_deadline: Optional[float] = None
+        while len(scheduler) or running:
+            for event in self.pool.poll(TICK if running else 0.0):
+                r = running.get(event.task_id)
+                if r is None:
+                    continue
+                if isinstance(event, Received):
+                    self._received(r, event.message, handler)
+                    continue
+                assert isinstance(event, Ended)
+                del running[event.task_id]
+                if r.stop_requested:
+                    stops_pending = max(0, stops_pending - 1)
+                self._ended(r, event.death, scheduler, handler, stats, stopping=bool(self.stop))
+            readings = self._sample(running)
+
+            if self.stop and grace_deadline is None:
+                grace_deadline = (self.stop.at or time.monotonic()) + self.grace
+                stats.halted = f"stopped by {self.stop.signal_name}"
+                if running:
+                    log.warning("%s: no new cases start; waiting up to %.0f s for %d running case(s) to finish",
+                                self.stop.signal_name, self.grace, len(running))
+            if grace_deadline is not None and time.monotonic() > grace_deadline and running:
+                for task_id, r in running.items():
+                    if not r.stop_requested:
+                        log.warning("case %s: stopped at shutdown; it will be redone on the next run", r.item.case)
+                        r.stop_requested = True
+                        self.pool.kill(task_id)
+            if stats.halted:
+                if not running:
+                    break
+                self._update_progress(stats, running, readings)
+                continue
+
+            cases = [RunningCase(t, r.started, r.item.estimate, r.memory, r.alone) for t, r in running.items()]
+            decision = decide(readings, cases, scheduler.waiting(), self.budget, self.max_workers, self.thresholds,
+                              stops_pending)
+            for task_id in decision.stop:
+                r = running[task_id]
+                log.warning("case %s: stopped to stay under the memory budget (tree %s of %s); it will run again "
+                            "with more room", r.item.case, format_bytes(readings.tree), format_bytes(self.budget))
+                r.stop_requested = True
+                stops_pending += 1
+                self.pool.kill(task_id)
+            for item in scheduler.take(decision.admit):
+                attempts[item.task_id] = attempts.get(item.task_id, 0) + 1
+                alone = item.task_id in decision.alone
+                if item.task_id in decision.oversized:
+                    log.warning("case %s: estimated peak %s exceeds the budget %s; running it alone",
+                                item.case, format_bytes(item.estimate), format_bytes(self.budget))
+                task = handler.build(item, attempts[item.task_id])
+                handler.started(item)
+                self.pool.submit(task)
+                running[item.task_id] = _Running(item, task, time.monotonic(), time.time(), alone)
+            self._update_progress(stats, running, readings)
+        self.flush_samples()
+        stats.peak_tree = self.peak_tree
+        return stats
+
+    def _update_progress(self, stats: StageStats, running: dict[str, _Running], readings: Readings) -> None:
+        if self.progress is not None:
+            self.progress.memory(readings.tree, self.budget, len(running))
+
+    def _received(self, r: _Running, message: Any, handler: StageHandler) -> None:
+        if isinstance(message, (FingerprintResult, OutputResult)):
+            handler.received(r.item, message)
+            peak = message.peak_rss
+            if peak is not None:
+                r.peak_rss = max(r.peak_rss or 0, peak)
+                pid = self.pool.pids().get(r.item.task_id)
+                shared = self.sampler.shared.get(pid, 0) if pid else 0
+                key, units = self._units_of(r.item, message)
+                if key:
+                    self.estimator.observe(key, units, peak - shared)
+        elif isinstance(message, TaskFailed):
+            r.failure = message
+        elif isinstance(message, TaskFinished):
+            if message.peak_rss:
+                r.peak_rss = max(r.peak_rss or 0, message.peak_rss)
+
+    @staticmethod
+    def _units_of(item: QueueItem, message: Any) -> tuple[Optional[str], int]:
+        if isinstance(message, FingerprintResult):
+            return ("fingerprint", item.units.get("fingerprint", 0)) if not message.unchanged else (None, 0)
+        key = f"preprocess:{message.target.data_identifier}"
+        return (key, item.units.get(key, 0)) if key in item.units else (None, 0)
+
+    def _record(self, r: _Running, outcome: str, death: Optional[Death], message: Optional[str]) -> None:
+        self.record_attempt(AttemptRecord(
+            run_id=self.run_id, case_name=r.item.case, stage=getattr(r.task, "stage", "?"),
+            targets=list(getattr(r.task, "targets", [])), started_at=r.wall_started, ended_at=time.time(),
+            outcome=outcome, exit_code=death.exit_code if death else 0, signal=death.signal if death else None,
+            peak_rss=r.peak_rss, last_rss=r.memory or None, estimate_bytes=r.item.estimate,
+            budget_bytes=self.budget, message=message))
+
+    def _ended(self, r: _Running, death: Optional[Death], scheduler: Scheduler, handler: StageHandler,
+               stats: StageStats, stopping: bool) -> None:
+        item = r.item
+        if death is None and r.failure is None:
+            stats.done += 1
+            self._record(r, "ok", None, None)
+            return
+        if death is None and r.failure is not None:
+            f = r.failure
+            if f.kind == "memory":
+                self._died(r, f.message, scheduler, handler, stats, None)
+                return
+            handler.ended_badly(item, TaskState.failed, f.message, died=False, peak=r.peak_rss)
+            stats.failed += 1
+            stats.messages.append(f.message)
+            self._record(r, "error", None, f.message)
+            log.error("%s", f.message)
+            if f.traceback:
+                log.debug("%s", f.traceback)
+            if f.kind == "disk":
+                stats.halted = f"{f.message}; free some space and run the same command again"
+            return
+        assert death is not None
+        if death.killed_by_us:
+            if stopping:
+                handler.ended_badly(item, TaskState.pending, "stopped at shutdown", died=False, peak=r.peak_rss)
+                self._record(r, "stopped", death, "stopped at shutdown")
+                return
+            stats.stopped += 1
+            self._record(r, "stopped", death, "stopped by the memory governor")
+            handler.ended_badly(item, TaskState.pending, "stopped by the memory governor", died=False,
+                                peak=r.peak_rss)
+            item.units = handler.remaining_units(item)
+            scheduler.stopped(item, r.peak_memory)
+            return
+        how = (f"killed by {describe_signal(death.signal)}" if death.signal
+               else f"exited with code {death.exit_code} without reporting")
+        self._died(r, how, scheduler, handler, stats, death)
+
+    def _died(self, r: _Running, how: str, scheduler: Scheduler, handler: StageHandler, stats: StageStats,
+              death: Optional[Death]) -> None:
+        item = r.item
+        likely = " (likely the out-of-memory killer)" if death and death.signal == 9 else ""
+        detail = (f"{how}{likely} at {format_bytes(r.peak_memory or None)} private memory; estimate "
+                  f"{format_bytes(item.estimate)}, budget {format_bytes(self.budget)}")
+        self._record(r, "died", death, detail)
+        item.units = handler.remaining_units(item)
+        if scheduler.died(item, r.peak_memory, how):
+            stats.retried += 1
+            handler.ended_badly(item, TaskState.pending, f"worker {detail}; retrying", died=True, peak=r.peak_rss)
+            alone = " alone" if item.max_concurrency == 1 else " with fewer cases beside it"
+            log.warning("case %s (%s): worker %s; retrying%s (death %d of %d)", item.case, handler.stage, detail,
+                        alone, item.deaths, scheduler.max_deaths)
+        else:
+            message = f"case {item.case}: quarantined after {item.deaths} worker deaths; last: worker {detail}"
+            handler.ended_badly(item, TaskState.quarantined, message, died=True, peak=r.peak_rss)
+            stats.quarantined += 1
+            stats.messages.append(message)
+            log.error("%s", message)
