@@ -1,0 +1,235 @@
+"""The `nnresume` command. Each command parses options, calls one library function, and maps errors to exit codes.
+
+Exit codes: 0 done; 1 error (the run could not go on); 2 usage; 3 finished, but some cases failed or are
+quarantined; 130 stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM (e.g. a scheduler's time limit).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from typing import Any, Optional
+
+import click
+
+from . import __version__
+from .config import DEFAULT_CONFIGURATIONS, Paths, PreprocessSettings, format_bytes, parse_memory, parse_spacing
+from .errors import NnresumeError
+from .runner import StopFlag
+
+log = logging.getLogger("nnresume")
+
+# nnU-Net's CLI takes several values after one flag (argparse nargs='+'); click takes one per flag.
+MULTI_VALUE = {"-d", "-c", "-overwrite_target_spacing"}
+
+
+class NnUNetStyleCommand(click.Command):
+    """Accepts `-d 1 2` and `-c 2d 3d_fullres` as nnU-Net does, by rewriting them to `-d 1 -d 2`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        current: Optional[str] = None
+        for token in args:
+            if token in MULTI_VALUE:
+                current = token
+                out.append(token)
+                continue
+            if current is not None and not token.startswith("-") and out and out[-1] != current:
+                out.extend([current, token])
+                continue
+            if token.startswith("-") and not _is_number(token):
+                current = None
+            out.append(token)
+        return super().parse_args(ctx, out)
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def _fail(e: NnresumeError) -> None:
+    click.echo(f"nnresume: {e.message}", err=True)
+    if e.hint:
+        click.echo(f"  hint: {e.hint}", err=True)
+    sys.exit(e.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="nnresume")
+@click.option("-v", "--verbose", is_flag=True, help="Show debug messages, nnU-Net's own output included.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Resumable, memory-aware preprocessing for nnU-Net v2.
+
+    Uses nnU-Net's own fingerprint extractor, planner and preprocessors, one case at a time, and records every case in
+    a SQLite ledger beside the outputs, so that a rerun after any crash redoes only what is missing or changed.
+    Paths come from nnUNet_raw and nnUNet_preprocessed, as for nnU-Net.
+    """
+    from .progress import setup_logging
+
+    setup_logging(verbose)
+    ctx.obj = {"verbose": verbose}
+
+
+@main.command(cls=NnUNetStyleCommand)
+@click.option("-d", "datasets", multiple=True, required=True,
+              help="Dataset id or name (Dataset001_Heart); several allowed: -d 1 2.")
+@click.option("-c", "configurations", multiple=True,
+              help=f"Configurations to preprocess. Default: {' '.join(DEFAULT_CONFIGURATIONS)}; those the plans do "
+                   "not contain are skipped. 3d_cascade_fullres uses 3d_fullres's data.")
+@click.option("-pl", "planner", default="ExperimentPlanner", show_default=True,
+              help="Experiment planner class, e.g. nnUNetPlannerResEncM.")
+@click.option("-fpe", "fingerprint_extractor", default="DatasetFingerprintExtractor", show_default=True,
+              help="Dataset fingerprint extractor class.")
+@click.option("-gpu_memory_target", type=float, default=None, help="GPU memory target for the planner, in GB.")
+@click.option("-overwrite_plans_name", default=None, help="Custom plans identifier.")
+@click.option("-overwrite_target_spacing", multiple=True, help="Target spacing for 3d_fullres (three numbers).")
+@click.option("-preprocessor_name", default="DefaultPreprocessor", show_default=True,
+              help="Preprocessor class written into the plans.")
+@click.option("--verify_dataset_integrity", "--verify-dataset-integrity", "verify_integrity", is_flag=True,
+              help="Run nnU-Net's dataset integrity check first.")
+@click.option("-np", "num_workers", type=click.IntRange(min=1), default=None,
+              help="At most this many cases at once. Default: the CPUs this process may use.")
+@click.option("-npfp", "num_workers_fingerprint", type=click.IntRange(min=1), default=None,
+              help="At most this many cases at once during the fingerprint stage. Default: -np.")
+@click.option("--max-ram", "max_ram", default=None,
+              help="Memory budget for the whole process tree: 28G, 512M, or a fraction of available memory such "
+                   "as 0.8. Default: available memory (cgroup-aware) minus a reserve.")
+@click.option("--no-pbar", "--no_pbar", "no_pbar", is_flag=True, help="No progress bars (for logs and clusters).")
+@click.option("--verify-outputs", is_flag=True, help="Also check every finished output's checksum before skipping it.")
+@click.option("--retry-quarantined", is_flag=True, help="Try quarantined cases again even if nothing changed.")
+@click.option("--replan", is_flag=True, help="Run the planner even if its inputs did not change.")
+@click.option("--grace", "grace_seconds", type=float, default=20.0, show_default=True,
+              help="Seconds running cases get to finish after SIGINT/SIGTERM before they are stopped.")
+@click.option("--dry-run", is_flag=True, help="Say what would run and why, and change nothing.")
+def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], planner: str, fingerprint_extractor: str,
+               gpu_memory_target: Optional[float], overwrite_plans_name: Optional[str],
+               overwrite_target_spacing: tuple[str, ...], preprocessor_name: str, verify_integrity: bool,
+               num_workers: Optional[int], num_workers_fingerprint: Optional[int], max_ram: Optional[str],
+               no_pbar: bool, verify_outputs: bool, retry_quarantined: bool, replan: bool, grace_seconds: float,
+               dry_run: bool) -> None:
+    """Fingerprint, plan and preprocess datasets, resuming whatever an earlier run left unfinished."""
+    from .config import MemoryBudget
+
+    try:
+        paths = Paths.from_environment()
+        settings = PreprocessSettings(
+            datasets=datasets, configurations=configurations or DEFAULT_CONFIGURATIONS, planner=planner,
+            fingerprint_extractor=fingerprint_extractor, gpu_memory_target=gpu_memory_target,
+            overwrite_plans_name=overwrite_plans_name,
+            overwrite_target_spacing=parse_spacing(overwrite_target_spacing), preprocessor_name=preprocessor_name,
+            verify_dataset_integrity=verify_integrity, num_workers=num_workers,
+            num_workers_fingerprint=num_workers_fingerprint,
+            max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(), progress_bar=not no_pbar,
+            verify_outputs=verify_outputs, retry_quarantined=retry_quarantined, replan=replan,
+            grace_seconds=grace_seconds, dry_run=dry_run)
+    except NnresumeError as e:
+        _fail(e)
+        return
+    if dry_run:
+        from .dryrun import dry_run as run_dry
+
+        try:
+            for d in settings.datasets:
+                click.echo(run_dry(settings, paths, d))
+        except NnresumeError as e:
+            _fail(e)
+        return
+    sys.exit(_preprocess(settings, paths))
+
+
+def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
+    from .pipeline import EXIT_OK, run_dataset
+
+    stop = StopFlag()
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        # only set flags: the main loop logs and stops workers
+        signals_seen.append(signum)
+        name = signal.Signals(signum).name
+        stop.set(name, 128 + signum)
+        if len(signals_seen) > 1:
+            stop.at = 0.0  # a second signal: stop running cases now
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    exit_code = EXIT_OK
+    try:
+        for d in settings.datasets:
+            outcome = run_dataset(settings, paths, d, stop)
+            _report(outcome)
+            exit_code = max(exit_code, outcome.exit_code) if outcome.exit_code < 100 else outcome.exit_code
+            if stop:
+                break
+    except NnresumeError as e:
+        _fail(e)
+    except Exception as e:
+        log.error("nnresume: internal error: %s: %s", type(e).__name__, e)
+        log.error("  the ledger is consistent; run the same command again to resume. The full traceback is in "
+                  "the run's log file (see `nnresume status`).")
+        log.debug("traceback", exc_info=True)
+        return 1
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return exit_code
+
+
+def _report(o: Any) -> None:
+    from .pipeline import EXIT_CASES_FAILED
+
+    counts = o.counts or {}
+    parts = []
+    for stage, c in counts.items():
+        parts.append(f"{stage}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
+    log.info("%s: %s in %.1f s", o.dataset, o.status.value.replace("_", " "), o.duration_s)
+    for p in parts:
+        log.info("  %s", p)
+    if o.peak_tree:
+        log.info("  peak memory of the process tree %s (budget %s)", format_bytes(o.peak_tree),
+                 format_bytes(o.budget))
+    if o.failures:
+        log.warning("  failed or quarantined:")
+        for line in o.failures:
+            log.warning("    %s", line)
+    if o.status.value == "interrupted":
+        log.warning("  %s. Run the same command again to resume; finished cases are kept.", o.reason)
+    elif o.exit_code == EXIT_CASES_FAILED:
+        log.warning("  fix the inputs named above and run the same command again; only those cases will be redone")
+
+
+@main.command(cls=NnUNetStyleCommand)
+@click.option("-d", "datasets", multiple=True, required=True, help="Dataset id or name; several allowed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(datasets: tuple[str, ...], as_json: bool) -> None:
+    """What the ledger says: counts per stage and configuration, failures, peak RAM, the last run, progress."""
+    from .dataset import layout_for
+    from .ledger.repository import Ledger
+    from .status import build_status, render_status
+
+    try:
+        paths = Paths.from_environment()
+        reports = []
+        for d in datasets:
+            layout = layout_for(d, paths.raw, paths.preprocessed)
+            ledger = Ledger.open(str(layout.ledger), create=False)
+            try:
+                reports.append(build_status(layout, ledger))
+            finally:
+                ledger.close()
+    except NnresumeError as e:
+        _fail(e)
+        return
+    if as_json:
+        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    else:
+        click.echo("\n\n".join(render_status(r) for r in reports))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""What every stage of one dataset's run shares: settings, layout, ledger, the pool and the memory budget."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from . import atomic_io, crashpoints
+from .config import PreprocessSettings
+from .dataset import DatasetLayout
+from .ledger.repository import Ledger
+from .memory import Estimator
+from .pool import LocalPool
+from .progress import StageProgress
+from .runner import Runner, StopFlag
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    settings: PreprocessSettings
+    layout: DatasetLayout
+    ledger: Ledger
+    run_id: int
+    stop: StopFlag
+    budget: int
+    workers: int
+    nnunetv2_version: str
+    estimator: Estimator = field(default_factory=Estimator)
+    pool: Optional[LocalPool] = None
+    peak_tree: int = 0
+
+    @property
+    def staging(self) -> Path:
+        return self.layout.staging / f"run-{self.run_id}"
+
+    def get_pool(self) -> LocalPool:
+        if self.pool is None:
+            self.pool = LocalPool()
+            self.pool.warm_up()
+        return self.pool
+
+    def runner(self, max_workers: int, progress: Optional[StageProgress]) -> Runner:
+        return Runner(self.get_pool(), self.budget, max_workers, self.estimator, self.run_id,
+                      self.ledger.add_attempt, lambda s: self.ledger.add_memory_samples(self.run_id, s),
+                      self.stop, self.settings.grace_seconds, progress=progress)
+
+    def progress(self, desc: str, total: int, skipped: int) -> StageProgress:
+        return StageProgress(desc, total, skipped, self.settings.progress_bar)
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+
+def place_files(files: list[Any], folder: Path) -> None:
+    """Moves staged files into `folder` in the given order, then fsyncs the folder once.
+
+    The caller commits the ledger after this returns; until then the files are not vouched for.
+    """
+    created = not folder.is_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    if created:
+        atomic_io.fsync_dir(folder.parent)
+    for i, f in enumerate(files):
+        os.replace(f.staged_path, folder / f.name)
+        if i == 0 and len(files) > 1:
+            crashpoints.reached("between_renames")
+    atomic_io.fsync_dir(folder)
+    crashpoints.reached("renamed")
+
+
+def stat_matches(path: Path, size: Optional[int]) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False

@@ -1,0 +1,261 @@
+"""`nnresume preprocess` for one dataset: lock, ledger, run record, then the three stages, each resumable.
+
+The run record is opened before any work and closed however the run ends: completed, completed with failures,
+interrupted (a signal), or failed (an error that stops the whole run). A run that was killed outright cannot close
+its record; the next run finds it still `running`, knows its process is gone because it could take the lock, and
+records it as interrupted.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import __version__, system
+from .config import Paths, PreprocessSettings, format_bytes
+from .context import RunContext
+from .dataset import (GT_IDENTIFIER, CaseFiles, DatasetLayout, key_of, layout_for, list_cases, load_dataset_json,
+                      nnunetv2_version, read_header)
+from .errors import DatasetError, Interrupted, NnresumeError
+from .ledger.models import RunStatus, TaskState
+from .ledger.repository import CaseRecord, Ledger
+from .lock import DatasetLock, process_started_at
+from .memory import resolve_budget
+from .progress import add_run_log, remove_handler
+from .runner import StageStats, StopFlag
+from . import stage_fingerprint, stage_plan, stage_preprocess
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CASES_FAILED = 0, 1, 2, 3
+
+
+class DiskFullError(NnresumeError):
+    pass
+
+
+@dataclass
+class DatasetOutcome:
+    dataset: str
+    status: RunStatus
+    exit_code: int
+    reason: Optional[str] = None
+    run_id: Optional[int] = None
+    failures: list[str] = field(default_factory=list)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    duration_s: float = 0.0
+    log_file: Optional[str] = None
+    budget: Optional[int] = None
+    peak_tree: Optional[int] = None
+
+
+def _close_abandoned_runs(ledger: Ledger, layout: DatasetLayout) -> None:
+    """We hold the lock, so every run still marked running is dead."""
+    for r in ledger.runs_in_state(RunStatus.running):
+        reason = f"process gone (PID {r.pid} on {r.host}); it was killed or the machine stopped"
+        ledger.finish_run(r.id, RunStatus.interrupted, reason)
+        log.warning("The previous run %d (started %s) was interrupted: %s. Resuming.", r.id,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)), reason)
+
+
+def _read_missing_headers(ledger: Ledger, cases: dict[str, CaseFiles], records: dict[str, CaseRecord]) -> None:
+    """Image headers (shape, spacing) of cases the ledger has none for; they size the memory estimates."""
+    missing = [n for n, c in cases.items() if (n not in records or not records[n].header) and c.images]
+    if not missing:
+        return
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        headers = dict(zip(missing, ex.map(lambda n: read_header(cases[n].images[0]), missing)))
+    ledger.set_case_headers(headers)
+    for n, h in headers.items():
+        if n in records:
+            records[n].header = h
+        else:
+            records[n] = CaseRecord(name=n, input_digest=None, header=h)
+
+
+def _reader_writer(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]) -> str:
+    key = key_of({"file_ending": dataset_json["file_ending"],
+                  "reader": dataset_json.get("overwrite_image_reader_writer"), "nnunetv2": ctx.nnunetv2_version})
+    art = ctx.ledger.get_artifact("reader_writer")
+    if art is not None and art.key == key and art.details:
+        return str(art.details["name"])
+    from . import nnunet
+
+    examples = [c.images[0] for c in cases.values() if c.images][:20]
+    name = nnunet.reader_writer_name(dataset_json, examples)
+    ctx.ledger.set_artifact("reader_writer", key, 0, "", ctx.run_id, {"name": name})
+    return name
+
+
+def _check_halted(ctx: RunContext, stats: StageStats) -> None:
+    if ctx.stop:
+        raise Interrupted(ctx.stop.signal_name or "signal", ctx.stop.exit_code)
+    if stats.halted:
+        raise DiskFullError(stats.halted)
+
+
+def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]) -> None:
+    s, layout, ledger = ctx.settings, ctx.layout, ctx.ledger
+    records = ledger.load_cases()
+    gone = [n for n in records if n not in cases]
+    if gone:
+        for n in gone:
+            stage_preprocess.remove_case_outputs(ctx, n, records[n], dataset_json["file_ending"])
+        ledger.remove_cases(gone)
+        log.info("Removed the outputs of %d case(s) no longer in the raw dataset: %s", len(gone),
+                 ", ".join(gone[:10]) + (" ..." if len(gone) > 10 else ""))
+        records = {n: r for n, r in records.items() if n not in gone}
+    if s.verify_dataset_integrity:
+        from . import nnunet
+
+        log.info("Checking dataset integrity with nnU-Net's verify_dataset_integrity")
+        nnunet.verify_dataset_integrity(str(layout.raw), ctx.workers)
+
+    fplan = stage_fingerprint.plan_fingerprints(ctx, cases, records, dataset_json)
+    if fplan.work:
+        ctx.get_pool()  # the forkserver imports nnunetv2 while we read headers
+        _read_missing_headers(ledger, cases, records)
+        reader = _reader_writer(ctx, dataset_json, cases)
+        log.info("Fingerprint: %d case(s) to analyse, %d up to date", len(fplan.work), fplan.up_to_date)
+        stats = stage_fingerprint.run_fingerprints(ctx, fplan, records, dataset_json, reader)
+        _check_halted(ctx, stats)
+    fingerprint_sha, _ = stage_fingerprint.aggregate(ctx, fplan, cases, dataset_json)
+    if ctx.stop:
+        raise Interrupted(ctx.stop.signal_name or "signal", ctx.stop.exit_code)
+
+    plans_path, plans = _plan(ctx, fingerprint_sha, dataset_json, cases)
+    scope = stage_preprocess.configurations_in_scope(ctx, plans, dataset_json)
+    ledger.set_configurations(scope)
+    records = ledger.load_cases()
+    pplan = stage_preprocess.plan_outputs(ctx, cases, records, plans, scope)
+    if pplan.blocked:
+        rows = [(n, c.data_identifier, c.configuration) for n in pplan.blocked for c in scope]
+        ledger.ensure_outputs(rows)
+        for n, why in pplan.blocked.items():
+            ledger.outputs_ended_badly(n, [c.data_identifier for c in scope], TaskState.failed,
+                                       f"case {n}: not preprocessed because {why}", died=False)
+    if pplan.work:
+        ctx.get_pool()
+        names = ", ".join(c.configuration for c in scope if c.data_identifier != GT_IDENTIFIER)
+        log.info("Preprocess (%s): %d case(s) to do, %d up to date", names, len(pplan.work), pplan.up_to_date)
+        stats = stage_preprocess.run_outputs(ctx, pplan, records, plans, dataset_json)
+        _check_halted(ctx, stats)
+    stage_preprocess.sweep_unvouched(ctx, scope, dataset_json["file_ending"])
+
+
+def _plan(ctx: RunContext, fingerprint_sha: str, dataset_json: dict[str, Any],
+          cases: dict[str, CaseFiles]) -> tuple[Any, dict[str, Any]]:
+    current = stage_plan.up_to_date_plans(ctx, fingerprint_sha)
+    if current is not None:
+        return current
+    reader = _reader_writer(ctx, dataset_json, cases)
+    return stage_plan.plan(ctx, fingerprint_sha, reader)
+
+
+def failure_lines(ledger: Ledger, scope_idents: Optional[set[str]] = None, limit: int = 20) -> list[str]:
+    lines = []
+    for rec in ledger.load_cases().values():
+        fp = rec.fingerprint
+        if fp is not None and fp.state in (TaskState.failed, TaskState.quarantined):
+            lines.append(f"[fingerprint {fp.state.value}] {fp.error}")
+            continue
+        for ident, out in rec.outputs.items():
+            if scope_idents is not None and ident not in scope_idents:
+                continue
+            if out.state in (TaskState.failed, TaskState.quarantined):
+                lines.append(f"[{ident} {out.state.value}] {out.error}")
+                break
+    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, stop: StopFlag) -> DatasetOutcome:
+    t0 = time.time()
+    layout = layout_for(name_or_id, paths.raw, paths.preprocessed)
+    os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
+    dataset_json = load_dataset_json(layout.raw)
+    cases = list_cases(layout.raw, dataset_json)
+    if not cases:
+        raise DatasetError(f"no training cases in {layout.raw / 'imagesTr'}",
+                           f"expected files named <case>_0000{dataset_json['file_ending']}")
+    layout.preprocessed.mkdir(parents=True, exist_ok=True)
+    lock = DatasetLock(layout.lock, layout.name)
+    lock.acquire()
+    log_handler = None
+    ctx: Optional[RunContext] = None
+    outcome = DatasetOutcome(layout.name, RunStatus.running, EXIT_ERROR)
+    try:
+        ledger = Ledger.open(str(layout.ledger))
+        _close_abandoned_runs(ledger, layout)
+        arguments = {"argv": sys.argv[1:], "dataset": layout.name,
+                     "settings": {k: (list(v) if isinstance(v, tuple) else str(v) if k == "max_ram" else v)
+                                  for k, v in vars(settings).items()}}
+        run_id = ledger.start_run("preprocess", arguments, socket.gethostname(), os.getpid(),
+                                  process_started_at(os.getpid()), nnunetv2_version(), __version__, None)
+        outcome.run_id = run_id
+        log_path = layout.logs / f"run-{run_id}.log"
+        log_handler = add_run_log(log_path)
+        outcome.log_file = str(log_path)
+        available = system.available_memory()
+        budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available)
+        workers = settings.num_workers or system.usable_cpus()
+        ledger.update_run(run_id, log_file=str(log_path), workers=workers, budget_bytes=budget)
+        limit = system.memory_limit()
+        if budget > limit:
+            log.warning("--max-ram %s is more than this machine allows (%s); the machine's limit will bite first",
+                        format_bytes(budget), format_bytes(limit))
+        log.info("%s: %d case(s); up to %d worker(s); memory budget %s (%s available)", layout.name, len(cases),
+                 workers, format_bytes(budget), format_bytes(available))
+        ctx = RunContext(settings, layout, ledger, run_id, stop, budget, workers, nnunetv2_version())
+        outcome.budget = budget
+        shutil.rmtree(layout.staging, ignore_errors=True)  # the lock is ours: nothing else writes there
+        ctx.staging.mkdir(parents=True, exist_ok=True)
+        reset = ledger.reset_running()
+        if reset:
+            log.info("%d task(s) left running by the interrupted run will be redone", reset)
+        try:
+            _stages(ctx, dataset_json, cases)
+        except Interrupted as e:
+            outcome.status, outcome.exit_code, outcome.reason = RunStatus.interrupted, e.exit_code, str(e.message)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"no space left on device writing {e.filename or layout.preprocessed}",
+                                    "free some space and run the same command again") from e
+            raise
+        else:
+            scope = {c.data_identifier for c in ledger.configurations()}
+            outcome.failures = failure_lines(ledger, scope)
+            if outcome.failures:
+                outcome.status, outcome.exit_code = RunStatus.completed_with_failures, EXIT_CASES_FAILED
+                outcome.reason = f"{len(outcome.failures)} case(s) failed"
+            else:
+                outcome.status, outcome.exit_code = RunStatus.completed, EXIT_OK
+    except NnresumeError as e:
+        outcome.status, outcome.exit_code, outcome.reason = RunStatus.failed, e.exit_code, e.message
+        raise
+    except BaseException as e:
+        outcome.status, outcome.exit_code = RunStatus.failed, EXIT_ERROR
+        outcome.reason = f"internal error: {type(e).__name__}: {e}"
+        log.debug("%s", traceback.format_exc())
+        raise
+    finally:
+        if ctx is not None:
+            ctx.shutdown()
+            shutil.rmtree(ctx.staging, ignore_errors=True)
+            outcome.peak_tree = ctx.peak_tree or None
+            try:
+                ctx.ledger.finish_run(ctx.run_id, outcome.status, outcome.reason, ctx.peak_tree or None)
+                outcome.counts = ctx.ledger.state_counts()
+            finally:
+                ctx.ledger.close()
+        outcome.duration_s = time.time() - t0
+        remove_handler(log_handler)
+        lock.release()
+    return outcome

@@ -1,0 +1,212 @@
+"""Stage 1: each case's fingerprint, then the dataset fingerprint aggregated exactly as nnU-Net aggregates it.
+
+A case is analysed again only when its inputs changed, the extractor or the per-case sample count changed (that count
+is 10e7 divided by the number of cases, so adding or removing a case changes every case's samples), or its result is
+missing. A file whose size or mtime changed is hashed again; if its content hashes as before (a `touch`), the old
+result stands. Each case's result is a pickle of `analyze_case`'s return value, committed like any output.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import atomic_io
+from .context import RunContext, place_files, stat_matches
+from .dataset import (OUTPUT_FORMAT_VERSION, CaseFiles, key_of, num_channels, num_foreground_samples_per_case,
+                      voxels_of_header)
+from .errors import DatasetError
+from .ledger.models import TaskState
+from .ledger.repository import CaseRecord, FileRecord
+from .scheduler import QueueItem, Scheduler
+from .tasks import FingerprintResult, FingerprintTask, InputFileInfo
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_JSON = "dataset_fingerprint.json"
+
+
+@dataclass
+class FingerprintWork:
+    task_id: str
+    case: str
+    files: CaseFiles
+    reason: str
+    known: tuple[InputFileInfo, ...] = ()
+    reuse_if_unchanged: bool = False
+
+
+@dataclass
+class FingerprintPlan:
+    key: str
+    num_samples: int
+    work: list[FingerprintWork] = field(default_factory=list)
+    skipped_quarantined: list[str] = field(default_factory=list)
+    up_to_date: int = 0
+
+
+def fingerprint_key(extractor: str, num_samples: int, dataset_json: dict[str, Any], version: str) -> str:
+    return key_of({"format": OUTPUT_FORMAT_VERSION, "extractor": extractor, "num_samples": num_samples,
+                   "nnunetv2": version, "file_ending": dataset_json["file_ending"],
+                   "reader": dataset_json.get("overwrite_image_reader_writer")})
+
+
+def _stat_changed(record: CaseRecord, files: CaseFiles) -> Optional[str]:
+    known = {(f.role, f.channel): f for f in record.files}
+    current = files.all_files()
+    if len(known) != len(current):
+        return "its files changed (channels added or removed)"
+    for role, channel, path in current:
+        k = known.get((role, channel))
+        if k is None or k.path != path:
+            return f"{role} file changed: {os.path.basename(path)}"
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"{role} file missing: {os.path.basename(path)}"
+        if st.st_size != k.size or st.st_mtime_ns != k.mtime_ns:
+            return f"{role} file size or time changed: {os.path.basename(path)}"
+    return None
+
+
+def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dict[str, CaseRecord],
+                      dataset_json: dict[str, Any]) -> FingerprintPlan:
+    s = ctx.settings
+    n = num_foreground_samples_per_case(len(cases))
+    key = fingerprint_key(s.fingerprint_extractor, n, dataset_json, ctx.nnunetv2_version)
+    plan = FingerprintPlan(key, n)
+    for name, files in cases.items():
+        rec = records.get(name)
+        fp = rec.fingerprint if rec else None
+        if rec is None or fp is None:
+            plan.work.append(FingerprintWork(f"fp-{name}", name, files, "new case"))
+            continue
+        known = tuple(InputFileInfo(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in rec.files)
+        changed = _stat_changed(rec, files)
+        result_ok = (fp.state == TaskState.done and fp.key == key and fp.result_file is not None
+                     and stat_matches(ctx.layout.work / fp.result_file, fp.result_size))
+        if fp.state == TaskState.quarantined and not changed and fp.key == key and not s.retry_quarantined:
+            plan.skipped_quarantined.append(name)
+            continue
+        if changed:
+            plan.work.append(FingerprintWork(f"fp-{name}", name, files, changed, known, reuse_if_unchanged=result_ok))
+        elif fp.state != TaskState.done:
+            plan.work.append(FingerprintWork(f"fp-{name}", name, files, f"{fp.state.value} before", known))
+        elif fp.key != key:
+            plan.work.append(FingerprintWork(f"fp-{name}", name, files,
+                                             "number of cases or fingerprint extractor changed", known))
+        elif not result_ok:
+            plan.work.append(FingerprintWork(f"fp-{name}", name, files, "result file missing or altered", known))
+        else:
+            plan.up_to_date += 1
+    return plan
+
+
+class FingerprintHandler:
+    stage = "fingerprint"
+
+    def __init__(self, ctx: RunContext, plan: FingerprintPlan, reader_writer: str, dataset_json: dict[str, Any],
+                 progress: Any) -> None:
+        self.ctx, self.plan, self.reader, self.dataset_json, self.progress = ctx, plan, reader_writer, dataset_json, progress
+
+    def build(self, item: QueueItem, attempt: int) -> FingerprintTask:
+        w: FingerprintWork = item.spec
+        return FingerprintTask(
+            task_id=w.task_id, case=w.case, files=tuple(w.files.all_files()),
+            extractor=self.ctx.settings.fingerprint_extractor, reader_writer=self.reader,
+            num_samples=self.plan.num_samples, staging_dir=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
+            dataset_json=self.dataset_json, known=w.known, reuse_if_unchanged=w.reuse_if_unchanged)
+
+    def started(self, item: QueueItem) -> None:
+        self.ctx.ledger.fingerprint_started(item.case, self.ctx.run_id, item.estimate)
+
+    def received(self, item: QueueItem, msg: Any) -> None:
+        assert isinstance(msg, FingerprintResult)
+        files = [FileRecord(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in msg.files]
+        if msg.unchanged:
+            log.debug("case %s: inputs touched but unchanged; fingerprint kept", msg.case)
+            self.ctx.ledger.fingerprint_unchanged(msg.case, files)
+            return
+        assert msg.result is not None
+        place_files([msg.result], self.ctx.layout.fingerprints)
+        self.ctx.ledger.fingerprint_done(
+            msg.case, self.ctx.run_id, self.plan.key, msg.input_digest, files,
+            os.path.relpath(self.ctx.layout.fingerprints / msg.result.name, self.ctx.layout.work),
+            msg.result.size, msg.result.sha256, msg.shape_after_crop or [], msg.spacing or [], msg.duration_s,
+            msg.peak_rss, msg.header)
+
+    def ended_badly(self, item: QueueItem, state: TaskState, message: str, died: bool, peak: Optional[int]) -> None:
+        self.ctx.ledger.fingerprint_ended_badly(item.case, state, message, died, peak)
+
+    def remaining_units(self, item: QueueItem) -> dict[str, int]:
+        return item.units
+
+
+def run_fingerprints(ctx: RunContext, plan: FingerprintPlan, records: dict[str, CaseRecord],
+                     dataset_json: dict[str, Any], reader_writer: str) -> Any:
+    progress = ctx.progress("Fingerprint", len(plan.work), plan.up_to_date)
+    scheduler = Scheduler(ctx.settings.num_workers_fingerprint or ctx.workers)
+    for w in plan.work:
+        rec = records.get(w.case)
+        header = rec.header if rec else None
+        units = {"fingerprint": voxels_of_header(header, len(w.files.images), w.files)}
+        deaths = rec.fingerprint.deaths if rec and rec.fingerprint else 0
+        scheduler.add(w, ctx.estimator.estimate(units), units, deaths=deaths)
+    handler = FingerprintHandler(ctx, plan, reader_writer, dataset_json, progress)
+    runner = ctx.runner(scheduler.max_workers, progress)
+    try:
+        stats = runner.run(scheduler, handler)
+    finally:
+        progress.close()
+        ctx.peak_tree = max(ctx.peak_tree, runner.peak_tree)
+    return stats
+
+
+def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles],
+              dataset_json: dict[str, Any]) -> tuple[str, list[str]]:
+    """Writes dataset_fingerprint.json from every case whose fingerprint is done, in nnU-Net's case order.
+
+    Returns the file's checksum and the cases left out (their fingerprint failed or is quarantined).
+    """
+    records = ctx.ledger.load_cases()
+    good, left_out = [], []
+    for name in cases:
+        fp = records[name].fingerprint if name in records else None
+        if fp is not None and fp.state == TaskState.done and fp.key == plan.key and fp.result_sha256:
+            good.append((name, fp.result_file, fp.result_sha256))
+        else:
+            left_out.append(name)
+    if not good:
+        raise DatasetError(f"no case of {ctx.layout.name} could be fingerprinted",
+                           "see the errors above, or `nnresume status` for each case's reason")
+    if left_out:
+        log.warning("the dataset fingerprint leaves out %d case(s) whose fingerprint failed: %s", len(left_out),
+                    ", ".join(left_out[:10]) + (" ..." if len(left_out) > 10 else ""))
+    key = key_of({"fingerprint": plan.key, "cases": [(n, sha) for n, _, sha in good],
+                  "channels": num_channels(dataset_json)})
+    target = ctx.layout.fingerprint_json
+    art = ctx.ledger.get_artifact(FINGERPRINT_JSON)
+    if art is not None and art.key == key and target.is_file() and atomic_io.file_digest(target) == art.sha256:
+        log.debug("dataset fingerprint up to date")
+        return art.sha256, left_out
+    from . import nnunet  # imports nnunetv2: only when the fingerprint must be written
+
+    results = []
+    for name, rel, sha in good:
+        path = ctx.layout.work / rel
+        with open(path, "rb") as f:
+            blob = f.read()
+        if hashlib.sha256(blob).hexdigest() != sha:
+            raise DatasetError(f"fingerprint result of case {name} ({path}) does not match its checksum",
+                               "run the same command again: the case will be fingerprinted again")
+        results.append(pickle.loads(blob))
+    log.info("Writing %s from %d case(s)", target.name, len(results))
+    fingerprint = nnunet.aggregate_fingerprint(results, dataset_json)
+    nnunet.write_fingerprint(fingerprint, str(target), str(ctx.staging))
+    sha = atomic_io.file_digest(target)
+    ctx.ledger.set_artifact(FINGERPRINT_JSON, key, target.stat().st_size, sha, ctx.run_id,
+                            {"cases": len(good), "left_out": left_out})
+    return sha, left_out

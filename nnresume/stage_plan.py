@@ -1,0 +1,80 @@
+"""Stage 2: the plans, by nnU-Net's planner class, written atomically.
+
+Planning runs when what it depends on changed: the dataset fingerprint, the planner and its arguments, nnunetv2's
+version, dataset.json or splits_final.json (or with --replan). Otherwise the plans file is used as it is on disk,
+so a configuration edited by hand in the plans JSON is honoured and only that configuration's outputs are redone (its
+hash changes; see dataset.config_hash). When planning does run, nnU-Net's own rule applies: configurations the planner
+makes are replaced, others already in the file are kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from . import atomic_io
+from .context import RunContext
+from .dataset import key_of
+from .errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+PLANS = "plans"
+DATASET_JSON = "dataset.json"
+
+
+def _digest_or_none(path: Path) -> str | None:
+    return atomic_io.file_digest(path) if path.is_file() else None
+
+
+def plans_key(ctx: RunContext, fingerprint_sha: str) -> str:
+    raw = ctx.layout.raw
+    return key_of({"fingerprint": fingerprint_sha, "planner": ctx.settings.planner_arguments(),
+                   "nnunetv2": ctx.nnunetv2_version, "dataset_json": _digest_or_none(raw / "dataset.json"),
+                   "splits": _digest_or_none(raw / "splits_final.json")})
+
+
+def load_plans(path: Path) -> dict[str, Any]:
+    try:
+        plans = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}",
+                           "fix the file, or delete it and run again to plan anew (--replan)") from None
+    if not isinstance(plans, dict) or "configurations" not in plans or "plans_name" not in plans:
+        raise DatasetError(f"{path} is not an nnU-Net plans file (no 'configurations' or 'plans_name')")
+    return plans
+
+
+def up_to_date_plans(ctx: RunContext, fingerprint_sha: str) -> tuple[Path, dict[str, Any]] | None:
+    """The plans on disk if planning need not run again, else None."""
+    if ctx.settings.replan:
+        return None
+    art = ctx.ledger.get_artifact(PLANS)
+    if art is None or art.key != plans_key(ctx, fingerprint_sha) or not art.details:
+        return None
+    path = ctx.layout.preprocessed / f"{art.details['plans_identifier']}.json"
+    copied = ctx.layout.preprocessed / DATASET_JSON
+    if not path.is_file() or _digest_or_none(copied) != _digest_or_none(ctx.layout.raw / DATASET_JSON):
+        return None
+    plans = load_plans(path)
+    if atomic_io.file_digest(path) != art.sha256:
+        log.info("%s was edited since it was planned; using it as it is", path.name)
+    return path, plans
+
+
+def plan(ctx: RunContext, fingerprint_sha: str, reader_writer: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Runs the planner (the caller has checked `up_to_date_plans` first)."""
+    from . import nnunet  # imports nnunetv2
+
+    s = ctx.settings
+    log.info("Planning with %s", s.planner)
+    identifier = nnunet.plan(ctx.layout.name, s.planner, s.gpu_memory_target, s.preprocessor_name,
+                             s.overwrite_target_spacing, s.overwrite_plans_name, str(ctx.staging), reader_writer)
+    # the planner copies dataset.json with a plain copy; make sure a complete copy is what stays
+    atomic_io.copy_file(ctx.layout.raw / DATASET_JSON, ctx.layout.preprocessed / DATASET_JSON, ctx.staging)
+    path = ctx.layout.preprocessed / f"{identifier}.json"
+    ctx.ledger.set_artifact(PLANS, plans_key(ctx, fingerprint_sha), path.stat().st_size, atomic_io.file_digest(path),
+                            ctx.run_id, {"plans_identifier": identifier, "planner": s.planner})
+    log.info("Plans written to %s", path)
+    return path, load_plans(path)

@@ -1,0 +1,252 @@
+"""Stage 3: each case through each configuration's preprocessor, and its label into gt_segmentations/.
+
+One task per case covers every configuration that case still needs, so its raw files are read and decoded once
+(nnU-Net reads them once per configuration). Each configuration's files are committed as soon as they are staged: a
+case killed during its third configuration keeps the first two.
+
+A (case, data folder) is skipped only when the ledger says done with the same input digest and configuration hash and
+its files exist with the recorded sizes (checksums too with --verify-outputs). Anything else is redone, and at the
+end files in a data folder that the ledger does not vouch for are removed, as nnU-Net itself empties the folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import atomic_io
+from .context import RunContext, place_files
+from .dataset import (GT_IDENTIFIER, CaseFiles, config_hash, gt_hash, output_names, resolve_configuration,
+                      voxels_of_header)
+from .ledger.models import TaskState
+from .ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
+from .memory import resampled_voxels, voxels
+from .scheduler import QueueItem, Scheduler
+from .tasks import InputFileInfo, OutputResult, PreprocessTask, Target
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SUFFIXES = (".b2nd", ".pkl", ".npz", ".npy")
+
+
+@dataclass
+class OutputWork:
+    task_id: str
+    case: str
+    files: CaseFiles
+    targets: list[Target]
+    reasons: dict[str, str]
+
+
+@dataclass
+class PreprocessPlan:
+    configurations: list[ConfigurationRecord]
+    work: list[OutputWork] = field(default_factory=list)
+    up_to_date: int = 0
+    blocked: dict[str, str] = field(default_factory=dict)  # case -> why it cannot be preprocessed
+    skipped_quarantined: list[tuple[str, str]] = field(default_factory=list)
+
+
+def configurations_in_scope(ctx: RunContext, plans: dict[str, Any], dataset_json: dict[str, Any]
+                            ) -> list[ConfigurationRecord]:
+    """The requested configurations the plans contain, one per data folder, plus gt_segmentations."""
+    scope: list[ConfigurationRecord] = []
+    seen: dict[str, str] = {}
+    for name in ctx.settings.configurations:
+        if name not in plans["configurations"]:
+            log.info("Configuration %s is not in plans %s; skipping it (as nnU-Net does)", name,
+                     plans["plans_name"])
+            continue
+        ident = resolve_configuration(plans, name)["data_identifier"]
+        if ident in seen:
+            log.info("Configuration %s uses the data of %s (%s)", name, seen[ident], ident)
+            continue
+        seen[ident] = name
+        scope.append(ConfigurationRecord(ident, name, plans["plans_name"],
+                                         config_hash(plans, name, dataset_json, ctx.nnunetv2_version)))
+    scope.append(ConfigurationRecord(GT_IDENTIFIER, GT_IDENTIFIER, plans["plans_name"], gt_hash(dataset_json)))
+    return scope
+
+
+def output_reason(ctx: RunContext, out: Optional[OutputRecord], digest: Optional[str],
+                  conf: ConfigurationRecord) -> Optional[str]:
+    """Why this (case, data folder) must be made, or None if the ledger vouches for it as it is."""
+    if out is None:
+        return "new"
+    if out.state != TaskState.done:
+        return {"running": "interrupted", "pending": "interrupted"}.get(out.state.value, f"{out.state.value} before")
+    if out.input_digest != digest:
+        return "input changed"
+    if out.config_hash != conf.config_hash:
+        return "configuration changed"
+    folder = ctx.layout.data_folder(conf.data_identifier)
+    for f in out.files or []:
+        path = folder / f["name"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"output missing: {f['name']}"
+        if size != f["size"]:
+            return f"output size differs: {f['name']}"
+        if ctx.settings.verify_outputs and atomic_io.file_digest(path) != f["sha256"]:
+            return f"output checksum differs: {f['name']}"
+    return None
+
+
+def _units(rec: CaseRecord, files: CaseFiles, plans: dict[str, Any], conf: ConfigurationRecord) -> int:
+    if conf.data_identifier == GT_IDENTIFIER:
+        return 0
+    base = voxels_of_header(rec.header, len(files.images), files)
+    header = rec.header or {}
+    if not header.get("shape") or not header.get("spacing"):
+        return 2 * base
+    target = resolve_configuration(plans, conf.configuration).get("spacing")
+    if not target:
+        return 2 * base
+    channels = max(1, len(files.images))
+    resampled = resampled_voxels(header["shape"], header["spacing"], list(target),
+                                 list(plans.get("transpose_forward", range(len(header["shape"])))))
+    return channels * voxels(header["shape"]) + channels * resampled
+
+
+def plan_outputs(ctx: RunContext, cases: dict[str, CaseFiles], records: dict[str, CaseRecord],
+                 plans: dict[str, Any], scope: list[ConfigurationRecord]) -> PreprocessPlan:
+    plan = PreprocessPlan(scope)
+    for name, files in cases.items():
+        rec = records.get(name)
+        fp = rec.fingerprint if rec else None
+        if rec is None or fp is None or fp.state != TaskState.done or not rec.input_digest:
+            plan.blocked[name] = f"its fingerprint {fp.state.value if fp else 'is missing'}" + \
+                                 (f": {fp.error}" if fp and fp.error else "")
+            continue
+        targets, reasons = [], {}
+        for conf in scope:
+            out = rec.outputs.get(conf.data_identifier)
+            if (out is not None and out.state == TaskState.quarantined and not ctx.settings.retry_quarantined
+                    and out.input_digest == rec.input_digest and out.config_hash == conf.config_hash):
+                plan.skipped_quarantined.append((name, conf.data_identifier))
+                continue
+            reason = output_reason(ctx, out, rec.input_digest, conf)
+            if reason:
+                targets.append(Target(conf.data_identifier, conf.configuration))
+                reasons[conf.data_identifier] = reason
+        if targets:
+            plan.work.append(OutputWork(f"pp-{name}", name, files, targets, reasons))
+        else:
+            plan.up_to_date += 1
+    return plan
+
+
+class PreprocessHandler:
+    stage = "preprocess"
+
+    def __init__(self, ctx: RunContext, plan: PreprocessPlan, records: dict[str, CaseRecord], plans: dict[str, Any],
+                 dataset_json: dict[str, Any]) -> None:
+        self.ctx, self.plan, self.records, self.plans, self.dataset_json = ctx, plan, records, plans, dataset_json
+        self.hashes = {c.data_identifier: c.config_hash for c in plan.configurations}
+
+    def build(self, item: QueueItem, attempt: int) -> PreprocessTask:
+        w: OutputWork = item.spec
+        rec = self.records[w.case]
+        expected = tuple(InputFileInfo(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in rec.files)
+        return PreprocessTask(task_id=w.task_id, case=w.case, images=w.files.images, label=w.files.label,
+                              expected=expected, plans=self.plans, dataset_json=self.dataset_json,
+                              targets_=tuple(w.targets),
+                              staging_dir=str(self.ctx.staging / f"{w.task_id}-{attempt}"))
+
+    def started(self, item: QueueItem) -> None:
+        w: OutputWork = item.spec
+        self.ctx.ledger.outputs_started(w.case, [(t.data_identifier, t.configuration) for t in w.targets],
+                                        self.ctx.run_id, item.estimate)
+
+    def received(self, item: QueueItem, msg: Any) -> None:
+        assert isinstance(msg, OutputResult)
+        w: OutputWork = item.spec
+        ident = msg.target.data_identifier
+        place_files(list(msg.files), self.ctx.layout.data_folder(ident))
+        self.ctx.ledger.output_done(
+            w.case, ident, msg.target.configuration, self.ctx.run_id, self.hashes[ident],
+            self.records[w.case].input_digest or "",
+            [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in msg.files], msg.duration_s, msg.peak_rss)
+        w.targets = [t for t in w.targets if t.data_identifier != ident]
+
+    def ended_badly(self, item: QueueItem, state: TaskState, message: str, died: bool, peak: Optional[int]) -> None:
+        w: OutputWork = item.spec
+        if w.targets:
+            self.ctx.ledger.outputs_ended_badly(w.case, [t.data_identifier for t in w.targets], state, message, died,
+                                                peak)
+
+    def remaining_units(self, item: QueueItem) -> dict[str, int]:
+        w: OutputWork = item.spec
+        keep = {f"preprocess:{t.data_identifier}" for t in w.targets} | {"gt"}
+        return {k: v for k, v in item.units.items() if k in keep}
+
+
+def run_outputs(ctx: RunContext, plan: PreprocessPlan, records: dict[str, CaseRecord], plans: dict[str, Any],
+                dataset_json: dict[str, Any]) -> Any:
+    confs = {c.data_identifier: c for c in plan.configurations}
+    rows = [(w.case, t.data_identifier, t.configuration) for w in plan.work for t in w.targets]
+    ctx.ledger.ensure_outputs(rows)
+    progress = ctx.progress("Preprocess", len(plan.work), plan.up_to_date)
+    scheduler = Scheduler(ctx.workers)
+    for w in plan.work:
+        rec = records[w.case]
+        units = {}
+        for t in w.targets:
+            key = "gt" if t.data_identifier == GT_IDENTIFIER else f"preprocess:{t.data_identifier}"
+            units[key] = _units(rec, w.files, plans, confs[t.data_identifier])
+        deaths = max((rec.outputs[t.data_identifier].deaths for t in w.targets if t.data_identifier in rec.outputs),
+                     default=0)
+        scheduler.add(w, ctx.estimator.estimate(units), units, deaths=deaths)
+    handler = PreprocessHandler(ctx, plan, records, plans, dataset_json)
+    runner = ctx.runner(ctx.workers, progress)
+    try:
+        stats = runner.run(scheduler, handler)
+    finally:
+        progress.close()
+        ctx.peak_tree = max(ctx.peak_tree, runner.peak_tree)
+    return stats
+
+
+def sweep_unvouched(ctx: RunContext, scope: list[ConfigurationRecord], file_ending: str) -> int:
+    """Removes files in the data folders in scope that no done ledger row vouches for. Returns how many."""
+    vouched: dict[str, set[str]] = {c.data_identifier: set() for c in scope}
+    for rec in ctx.ledger.load_cases().values():
+        for ident, out in rec.outputs.items():
+            if ident in vouched and out.state == TaskState.done:
+                vouched[ident].update(f["name"] for f in out.files or [])
+    removed = 0
+    for conf in scope:
+        folder = ctx.layout.data_folder(conf.data_identifier)
+        if not folder.is_dir():
+            continue
+        suffixes = (file_ending,) if conf.data_identifier == GT_IDENTIFIER else OUTPUT_SUFFIXES
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_file() and entry.name.endswith(suffixes) and entry.name not in vouched[conf.data_identifier]:
+                    os.unlink(entry.path)
+                    removed += 1
+                    log.debug("removed %s: no ledger entry vouches for it", entry.path)
+        if removed:
+            atomic_io.fsync_dir(folder)
+    if removed:
+        log.info("Removed %d file(s) from the data folders that no ledger entry vouches for", removed)
+    return removed
+
+
+def remove_case_outputs(ctx: RunContext, case: str, record: CaseRecord, file_ending: str) -> None:
+    """Deletes a removed case's files from every data folder the ledger knows, and its fingerprint result."""
+    for ident, out in record.outputs.items():
+        folder = ctx.layout.data_folder(ident)
+        names = [f["name"] for f in out.files or []] or output_names(case, ident, file_ending)
+        for name in names:
+            try:
+                os.unlink(folder / name)
+            except FileNotFoundError:
+                pass
+    if record.fingerprint and record.fingerprint.result_file:
+        try:
+            os.unlink(ctx.layout.work / record.fingerprint.result_file)
+        except FileNotFoundError:
+            pass

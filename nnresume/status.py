@@ -1,0 +1,159 @@
+"""What the ledger says about a dataset, as a dict (for --json) and as text.
+
+Read-only and safe during a run: SQLite's WAL lets this read while the run writes. Whether the last run is still
+alive is decided by its lock: a run marked `running` whose lock is free was killed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from datetime import datetime
+from typing import Any, Optional
+
+from .config import format_bytes
+from .dataset import GT_IDENTIFIER, DatasetLayout
+from .ledger.models import RunStatus, TaskState
+from .ledger.repository import Ledger
+from .lock import DatasetLock, holder_alive
+
+STATES = [s.value for s in TaskState]
+
+
+def _iso(t: Optional[float]) -> Optional[str]:
+    return datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds") if t else None
+
+
+def run_state(layout: DatasetLayout, status: RunStatus, host: str, pid: int, pid_started_at: Optional[float]) -> str:
+    """'running', or 'interrupted' for a run marked running whose process is gone, else the recorded status."""
+    if status != RunStatus.running:
+        return status.value
+    if DatasetLock(layout.lock, layout.name).is_held_elsewhere():
+        return "running"
+    alive = holder_alive(host, pid, pid_started_at)
+    return "running" if alive else "interrupted"
+
+
+def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
+    cases = ledger.load_cases()
+    configurations = {c.data_identifier: c for c in ledger.configurations()}
+    run = ledger.last_run("preprocess")
+    out: dict[str, Any] = {"dataset": layout.name, "ledger": str(layout.ledger), "cases": len(cases)}
+
+    fp_counts = {s: 0 for s in STATES}
+    for rec in cases.values():
+        if rec.fingerprint:
+            fp_counts[rec.fingerprint.state.value] += 1
+    stages: dict[str, Any] = {"fingerprint": {"counts": fp_counts, "total": sum(fp_counts.values())}}
+    failures = []
+    for rec in cases.values():
+        fp = rec.fingerprint
+        if fp and fp.state in (TaskState.failed, TaskState.quarantined):
+            failures.append({"case": rec.name, "stage": "fingerprint", "state": fp.state.value, "reason": fp.error})
+
+    for ident, conf in configurations.items():
+        counts = {s: 0 for s in STATES}
+        peaks, durations = [], []
+        for rec in cases.values():
+            o = rec.outputs.get(ident)
+            if o is None:
+                continue
+            counts[o.state.value] += 1
+            if o.state == TaskState.done and o.peak_rss:
+                peaks.append((o.peak_rss, rec.name))
+            if o.state == TaskState.done and o.duration_s is not None:
+                durations.append(o.duration_s)
+            if o.state in (TaskState.failed, TaskState.quarantined):
+                failures.append({"case": rec.name, "stage": ident, "state": o.state.value, "reason": o.error})
+        peaks.sort(reverse=True)
+        stages[ident] = {
+            "configuration": conf.configuration, "counts": counts, "total": sum(counts.values()),
+            "peak_rss_max": peaks[0][0] if peaks else None,
+            "peak_rss_median": int(statistics.median(p for p, _ in peaks)) if peaks else None,
+            "largest_cases": [{"case": n, "peak_rss": p} for p, n in peaks[:3]] if ident != GT_IDENTIFIER else [],
+            "mean_duration_s": statistics.fmean(durations) if durations else None,
+        }
+    out["stages"] = stages
+    out["failures"] = failures
+    if run is not None:
+        state = run_state(layout, run.status, run.host, run.pid, run.pid_started_at)
+        out["last_run"] = {
+            "id": run.id, "state": state, "started_at": _iso(run.started_at),
+            "ended_at": _iso(run.ended_at) if run.ended_at else ("interrupted" if state == "interrupted" else None),
+            "end_reason": run.end_reason if state != "interrupted" or run.end_reason else "process gone",
+            "arguments": " ".join(run.arguments.get("argv", [])), "host": run.host, "pid": run.pid,
+            "workers": run.workers, "budget_bytes": run.budget_bytes, "peak_tree_bytes": run.peak_tree_rss,
+            "nnunetv2": run.nnunetv2_version, "log_file": run.log_file,
+        }
+        if state == "running":
+            out["progress"] = _progress(ledger, run.id, run.started_at, stages)
+    else:
+        out["last_run"] = None
+    return out
+
+
+def _progress(ledger: Ledger, run_id: int, started_at: float, stages: dict[str, Any]) -> dict[str, Any]:
+    """Cases left and an ETA from this run's own rate of finished tasks."""
+    attempts = [a for a in ledger.attempts(run_id) if a.outcome == "ok"]
+    now = time.time()
+    remaining_fp = stages["fingerprint"]["counts"]["pending"] + stages["fingerprint"]["counts"]["running"]
+    remaining_pp = max((s["counts"]["pending"] + s["counts"]["running"]
+                        for k, s in stages.items() if k != "fingerprint"), default=0)
+    stage = "fingerprint" if remaining_fp else "preprocess"
+    done = [a for a in attempts if a.stage == stage]
+    remaining = remaining_fp if remaining_fp else remaining_pp
+    eta = None
+    if done:
+        first = min(a.started_at for a in done)
+        rate = len(done) / max(1e-6, now - first)
+        eta = remaining / rate if rate > 0 else None
+    return {"stage": stage, "remaining_cases": remaining, "finished_this_run": len(attempts),
+            "elapsed_s": now - started_at, "eta_s": eta}
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return "  ".join(f"{k} {v}" for k, v in counts.items() if v or k == "done")
+
+
+def render_status(s: dict[str, Any]) -> str:
+    lines = [f"{s['dataset']}  ({s['cases']} cases; ledger {s['ledger']})", ""]
+    rows = [("stage", "configuration", "done", "pending", "running", "failed", "quar.", "peak RAM", "median")]
+    for ident, st in s["stages"].items():
+        c = st["counts"]
+        rows.append((ident, st.get("configuration", ""), str(c["done"]), str(c["pending"]), str(c["running"]),
+                     str(c["failed"]), str(c["quarantined"]),
+                     format_bytes(st.get("peak_rss_max")) if st.get("peak_rss_max") else "-",
+                     format_bytes(st.get("peak_rss_median")) if st.get("peak_rss_median") else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    big = [(ident, c) for ident, st in s["stages"].items() for c in st.get("largest_cases", [])]
+    if big:
+        lines.append("")
+        lines.append("largest cases: " + ", ".join(f"{c['case']} {format_bytes(c['peak_rss'])} ({ident})"
+                                                   for ident, c in big[:6]))
+    if s["failures"]:
+        lines.append("")
+        lines.append(f"failed or quarantined ({len(s['failures'])}):")
+        for f in s["failures"][:30]:
+            lines.append(f"  {f['case']} [{f['stage']}, {f['state']}]: {f['reason']}")
+        if len(s["failures"]) > 30:
+            lines.append(f"  ... and {len(s['failures']) - 30} more (see --json)")
+    r = s.get("last_run")
+    lines.append("")
+    if r is None:
+        lines.append("no run recorded yet")
+    else:
+        end = r["ended_at"] if r["state"] != "running" else "still running"
+        lines.append(f"last run #{r['id']}: {r['state']}; started {r['started_at']}, ended {end}")
+        if r.get("end_reason"):
+            lines.append(f"  reason: {r['end_reason']}")
+        lines.append(f"  nnresume {r['arguments']}")
+        lines.append(f"  host {r['host']} pid {r['pid']}; {r['workers']} workers; budget "
+                     f"{format_bytes(r['budget_bytes'])}; peak tree memory {format_bytes(r['peak_tree_bytes'])}")
+        if r.get("log_file"):
+            lines.append(f"  log: {r['log_file']}")
+    p = s.get("progress")
+    if p:
+        eta = f"{p['eta_s'] / 60:.1f} min" if p["eta_s"] is not None else "unknown yet"
+        lines.append(f"  progress: {p['stage']}, {p['remaining_cases']} case(s) left, ETA {eta}")
+    return "\n".join(lines)
