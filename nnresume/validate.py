@@ -101,6 +101,9 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
 
     class ValidatingReader(reader_cls):  # type: ignore[misc, valid-type]
         def read_images(self, image_fnames, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if state.get("in_read_seg"):
+                # readers implement read_seg through read_images; the label is checked in read_seg
+                return super().read_images(image_fnames, *args, **kwargs)
             try:
                 data, props = super().read_images(image_fnames, *args, **kwargs)
             except Exception as e:
@@ -114,10 +117,13 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
             return data, props
 
         def read_seg(self, seg_fname, *args, **kwargs):  # type: ignore[no-untyped-def]
+            state["in_read_seg"] = True
             try:
                 seg, props = super().read_seg(seg_fname, *args, **kwargs)
             except Exception as e:
                 raise CaseError(case, f"cannot read label: {_describe(e)}", seg_fname) from None
+            finally:
+                state["in_read_seg"] = False
             if "shape" in state:
                 check_label(case, images, seg_fname, state["shape"], state["spacing"], seg, props.get("spacing"),
                             allowed)

@@ -279,7 +279,8 @@ class Ledger:
     def fingerprint_started(self, name: str, run_id: int, estimate: int | None) -> None:
         with self._session() as s, s.begin():
             fp = self._fingerprint_row(s, name)
-            fp.state, fp.run_id, fp.estimate_bytes, fp.updated_at = TaskState.running, run_id, estimate, time.time()
+            # run_id names the run that made the current result, so it is set on completion, not here
+            fp.state, fp.estimate_bytes, fp.updated_at = TaskState.running, estimate, time.time()
             fp.attempts += 1
 
     def fingerprint_unchanged(self, name: str, files: list[FileRecord]) -> None:
@@ -346,7 +347,7 @@ class Ledger:
         with self._session() as s, s.begin():
             for data_identifier, configuration in targets:
                 o = self._output_row(s, name, data_identifier, configuration)
-                o.state, o.configuration, o.run_id, o.estimate_bytes = TaskState.running, configuration, run_id, estimate
+                o.state, o.configuration, o.estimate_bytes = TaskState.running, configuration, estimate
                 o.attempts += 1
                 o.updated_at = time.time()
 
