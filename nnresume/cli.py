@@ -231,5 +231,51 @@ def status(datasets: tuple[str, ...], as_json: bool) -> None:
         click.echo("\n\n".join(render_status(r) for r in reports))
 
 
+@main.command()
+@click.option("--dir", "folder", type=click.Path(file_okay=False), default="nnresume-demo", show_default=True,
+              help="Where to put the demo's raw and preprocessed folders.")
+@click.option("--cases", type=click.IntRange(min=2), default=8, show_default=True, help="Number of cases.")
+@click.option("-np", "num_workers", type=click.IntRange(min=1), default=None, help="Cases at once (default: CPUs).")
+@click.option("--max-ram", "max_ram", default=None, help="Memory budget, as for preprocess.")
+@click.option("--no-pbar", "--no_pbar", "no_pbar", is_flag=True, help="No progress bars.")
+def demo(folder: str, cases: int, num_workers: Optional[int], max_ram: Optional[str], no_pbar: bool) -> None:
+    """Generate a small synthetic dataset (Dataset999_Demo) and preprocess it, then show its status.
+
+    Uses its own nnUNet_raw and nnUNet_preprocessed inside --dir, whatever the environment says. Run it twice: the
+    second run finds everything done and finishes in about a second.
+    """
+    from pathlib import Path
+
+    from .config import MemoryBudget
+    from .dataset import layout_for
+    from .demo import DemoSpec, make_dataset
+    from .ledger.repository import Ledger
+    from .status import build_status, render_status
+
+    root = Path(folder).resolve()
+    paths = Paths(raw=str(root / "nnUNet_raw"), preprocessed=str(root / "nnUNet_preprocessed"))
+    spec = DemoSpec(num_cases=cases)
+    if not (Path(paths.raw) / spec.folder_name / "dataset.json").is_file():
+        log.info("Writing %d synthetic cases to %s", cases, Path(paths.raw) / spec.folder_name)
+        make_dataset(spec, Path(paths.raw))
+    try:
+        settings = PreprocessSettings(datasets=(str(spec.dataset_id),), num_workers=num_workers,
+                                      max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(),
+                                      progress_bar=not no_pbar)
+    except NnresumeError as e:
+        _fail(e)
+        return
+    code = _preprocess(settings, paths)
+    layout = layout_for(str(spec.dataset_id), paths.raw, paths.preprocessed)
+    ledger = Ledger.open(str(layout.ledger), create=False)
+    try:
+        click.echo(render_status(build_status(layout, ledger)))
+    finally:
+        ledger.close()
+    click.echo(f"\nTo look further:  export nnUNet_raw={paths.raw} nnUNet_preprocessed={paths.preprocessed}; "
+               f"nnresume status -d {spec.dataset_id}")
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()

@@ -57,11 +57,12 @@ class RunContext:
             self.pool = None
 
 
-def place_files(files: list[Any], folder: Path) -> None:
+def place_files(files: list[Any], folder: Path, case: Optional[str] = None) -> None:
     """Moves staged files into `folder` in the given order, then fsyncs the folder once.
 
     The caller commits the ledger after this returns; until then the files are not vouched for.
     """
+    crashpoints.set_case(case)
     created = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     if created:

@@ -35,6 +35,7 @@ class FingerprintWork:
     case: str
     files: CaseFiles
     reason: str
+    attempt_key: str = ""
     known: tuple[InputFileInfo, ...] = ()
     reuse_if_unchanged: bool = False
 
@@ -72,6 +73,18 @@ def _stat_changed(record: CaseRecord, files: CaseFiles) -> Optional[str]:
     return None
 
 
+def attempt_key(key: str, files: CaseFiles) -> str:
+    """What an attempt at a case's fingerprint is made from: the extractor key and the files' sizes and mtimes."""
+    stats = []
+    for role, channel, path in files.all_files():
+        try:
+            st = os.stat(path)
+            stats.append((role, channel, path, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((role, channel, path, None, None))
+    return key_of({"key": key, "files": stats})
+
+
 def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dict[str, CaseRecord],
                       dataset_json: dict[str, Any]) -> FingerprintPlan:
     s = ctx.settings
@@ -81,25 +94,33 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
     for name, files in cases.items():
         rec = records.get(name)
         fp = rec.fingerprint if rec else None
+
+        def work(reason: str, known: tuple = (), reuse: bool = False) -> None:
+            plan.work.append(FingerprintWork(f"fp-{name}", name, files, reason, attempt_key(key, files), known,
+                                             reuse))
+
         if rec is None or fp is None:
-            plan.work.append(FingerprintWork(f"fp-{name}", name, files, "new case"))
+            work("new case")
+            continue
+        if fp.state == TaskState.quarantined:
+            if fp.attempt_key == attempt_key(key, files) and not s.retry_quarantined:
+                plan.skipped_quarantined.append(name)
+            else:
+                work("quarantined before; its inputs or the extractor changed" if not s.retry_quarantined
+                     else "quarantined before; --retry-quarantined")
             continue
         known = tuple(InputFileInfo(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in rec.files)
-        changed = _stat_changed(rec, files)
+        changed = _stat_changed(rec, files) if rec.files else "no recorded inputs"
         result_ok = (fp.state == TaskState.done and fp.key == key and fp.result_file is not None
                      and stat_matches(ctx.layout.work / fp.result_file, fp.result_size))
-        if fp.state == TaskState.quarantined and not changed and fp.key == key and not s.retry_quarantined:
-            plan.skipped_quarantined.append(name)
-            continue
         if changed:
-            plan.work.append(FingerprintWork(f"fp-{name}", name, files, changed, known, reuse_if_unchanged=result_ok))
+            work(changed, known, reuse=result_ok)
         elif fp.state != TaskState.done:
-            plan.work.append(FingerprintWork(f"fp-{name}", name, files, f"{fp.state.value} before", known))
+            work(f"{fp.state.value} before", known)
         elif fp.key != key:
-            plan.work.append(FingerprintWork(f"fp-{name}", name, files,
-                                             "number of cases or fingerprint extractor changed", known))
+            work("number of cases or fingerprint extractor changed", known)
         elif not result_ok:
-            plan.work.append(FingerprintWork(f"fp-{name}", name, files, "result file missing or altered", known))
+            work("result file missing or altered", known)
         else:
             plan.up_to_date += 1
     return plan
@@ -121,7 +142,7 @@ class FingerprintHandler:
             dataset_json=self.dataset_json, known=w.known, reuse_if_unchanged=w.reuse_if_unchanged)
 
     def started(self, item: QueueItem) -> None:
-        self.ctx.ledger.fingerprint_started(item.case, self.ctx.run_id, item.estimate)
+        self.ctx.ledger.fingerprint_started(item.case, self.ctx.run_id, item.estimate, item.spec.attempt_key)
 
     def received(self, item: QueueItem, msg: Any) -> None:
         assert isinstance(msg, FingerprintResult)
@@ -131,7 +152,7 @@ class FingerprintHandler:
             self.ctx.ledger.fingerprint_unchanged(msg.case, files)
             return
         assert msg.result is not None
-        place_files([msg.result], self.ctx.layout.fingerprints)
+        place_files([msg.result], self.ctx.layout.fingerprints, msg.case)
         self.ctx.ledger.fingerprint_done(
             msg.case, self.ctx.run_id, self.plan.key, msg.input_digest, files,
             os.path.relpath(self.ctx.layout.fingerprints / msg.result.name, self.ctx.layout.work),

@@ -157,14 +157,15 @@ class PreprocessHandler:
 
     def started(self, item: QueueItem) -> None:
         w: OutputWork = item.spec
-        self.ctx.ledger.outputs_started(w.case, [(t.data_identifier, t.configuration) for t in w.targets],
-                                        self.ctx.run_id, item.estimate)
+        self.ctx.ledger.outputs_started(
+            w.case, [(t.data_identifier, t.configuration, self.hashes[t.data_identifier]) for t in w.targets],
+            self.records[w.case].input_digest or "", self.ctx.run_id, item.estimate)
 
     def received(self, item: QueueItem, msg: Any) -> None:
         assert isinstance(msg, OutputResult)
         w: OutputWork = item.spec
         ident = msg.target.data_identifier
-        place_files(list(msg.files), self.ctx.layout.data_folder(ident))
+        place_files(list(msg.files), self.ctx.layout.data_folder(ident), w.case)
         self.ctx.ledger.output_done(
             w.case, ident, msg.target.configuration, self.ctx.run_id, self.hashes[ident],
             self.records[w.case].input_digest or "",

@@ -183,6 +183,7 @@ def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
 def run_task(task: Any, send: Callable[[Any], None]) -> None:
     """Runs a task and reports its outcome through `send`. Never raises for a case's own failure."""
     t0 = time.time()
+    crashpoints.set_case(task.case)
     try:
         if isinstance(task, FingerprintTask):
             run_fingerprint(task, send)

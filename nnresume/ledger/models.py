@@ -105,6 +105,9 @@ class Fingerprint(Base):
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
     state: Mapped[TaskState] = mapped_column(_enum(TaskState))
     key: Mapped[Optional[str]] = mapped_column(String(64))
+    # what the last attempt was made from (extractor key and file stats): a quarantined case is tried again only
+    # when this changes, even if it never produced a result
+    attempt_key: Mapped[Optional[str]] = mapped_column(String(64))
     input_digest: Mapped[Optional[str]] = mapped_column(String(64))
     result_file: Mapped[Optional[str]] = mapped_column(Text)
     result_size: Mapped[Optional[int]]

@@ -44,6 +44,7 @@ class FingerprintRecord:
     peak_rss: Optional[int]
     estimate_bytes: Optional[int]
     error: Optional[str]
+    attempt_key: Optional[str] = None
 
 
 @dataclass
@@ -142,7 +143,7 @@ class MemorySampleRecord:
 def _fingerprint(fp: Fingerprint) -> FingerprintRecord:
     return FingerprintRecord(fp.state, fp.key, fp.input_digest, fp.result_file, fp.result_size, fp.result_sha256,
                              fp.shape_after_crop, fp.spacing, fp.attempts, fp.deaths, fp.duration_s, fp.peak_rss,
-                             fp.estimate_bytes, fp.error)
+                             fp.estimate_bytes, fp.error, fp.attempt_key)
 
 
 def _output(case: str, o: Output) -> OutputRecord:
@@ -276,9 +277,10 @@ class Ledger:
             s.add(fp)
         return fp
 
-    def fingerprint_started(self, name: str, run_id: int, estimate: int | None) -> None:
+    def fingerprint_started(self, name: str, run_id: int, estimate: int | None, attempt_key: str | None = None) -> None:
         with self._session() as s, s.begin():
             fp = self._fingerprint_row(s, name)
+            fp.attempt_key = attempt_key
             # run_id names the run that made the current result, so it is set on completion, not here
             fp.state, fp.estimate_bytes, fp.updated_at = TaskState.running, estimate, time.time()
             fp.attempts += 1
@@ -342,12 +344,15 @@ class Ledger:
                 if (name, data_identifier) not in existing:
                     self._output_row(s, name, data_identifier, configuration)
 
-    def outputs_started(self, name: str, targets: list[tuple[str, str]], run_id: int, estimate: int | None) -> None:
-        """Marks (data_identifier, configuration) targets running. From now on their old files are not vouched for."""
+    def outputs_started(self, name: str, targets: list[tuple[str, str, str]], input_digest: str, run_id: int,
+                        estimate: int | None) -> None:
+        """Marks (data_identifier, configuration, config_hash) targets running: from now on their old files are not
+        vouched for. The hash and digest say what this attempt is made from (a failed or quarantined row keeps them)."""
         with self._session() as s, s.begin():
-            for data_identifier, configuration in targets:
+            for data_identifier, configuration, config_hash in targets:
                 o = self._output_row(s, name, data_identifier, configuration)
                 o.state, o.configuration, o.estimate_bytes = TaskState.running, configuration, estimate
+                o.config_hash, o.input_digest = config_hash, input_digest
                 o.attempts += 1
                 o.updated_at = time.time()
 
