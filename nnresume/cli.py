@@ -147,15 +147,10 @@ def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
     from .pipeline import EXIT_OK, run_dataset
 
     stop = StopFlag()
-    signals_seen: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
         # only set flags: the main loop logs and stops workers
-        signals_seen.append(signum)
-        name = signal.Signals(signum).name
-        stop.set(name, 128 + signum)
-        if len(signals_seen) > 1:
-            stop.at = 0.0  # a second signal: stop running cases now
+        stop.set(signal.Signals(signum).name, 128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     exit_code = EXIT_OK
@@ -200,7 +195,8 @@ def _report(o: Any) -> None:
     if o.status.value == "interrupted":
         log.warning("  %s. Run the same command again to resume; finished cases are kept.", o.reason)
     elif o.exit_code == EXIT_CASES_FAILED:
-        log.warning("  fix the inputs named above and run the same command again; only those cases will be redone")
+        log.warning("  fix the inputs named above and run the same command again: those cases are redone, and any "
+                    "others whose configuration their return changes")
 
 
 @main.command(cls=NnUNetStyleCommand)
@@ -229,6 +225,43 @@ def status(datasets: tuple[str, ...], as_json: bool) -> None:
         click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
     else:
         click.echo("\n\n".join(render_status(r) for r in reports))
+
+
+@main.command(cls=NnUNetStyleCommand)
+@click.option("-d", "datasets", multiple=True, required=True, help="Dataset id or name; several allowed.")
+@click.option("--full", is_flag=True, help="Also compare checksums and decode every array and pickle.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--no-pbar", "--no_pbar", "no_pbar", is_flag=True, help="No progress bar.")
+def verify(datasets: tuple[str, ...], full: bool, as_json: bool, no_pbar: bool) -> None:
+    """Re-check finished outputs against the ledger; the next preprocess redoes any that fail.
+
+    Exit code 0 when everything matches, 3 when problems were found (and withdrawn from the ledger).
+    """
+    from .dataset import layout_for
+    from .ledger.repository import Ledger
+    from .lock import DatasetLock
+    from .verify import render, verify as run_verify
+
+    reports = []
+    try:
+        paths = Paths.from_environment()
+        for d in datasets:
+            layout = layout_for(d, paths.raw, paths.preprocessed)
+            ledger = Ledger.open(str(layout.ledger), create=False)
+            try:
+                with DatasetLock(layout.lock, layout.name):  # verify withdraws rows: no run may write meanwhile
+                    reports.append(run_verify(layout, ledger, full, progress=not no_pbar and not as_json))
+            finally:
+                ledger.close()
+    except NnresumeError as e:
+        _fail(e)
+        return
+    if as_json:
+        data = [r.as_dict() for r in reports]
+        click.echo(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+    else:
+        click.echo("\n\n".join(render(r) for r in reports))
+    sys.exit(3 if any(r.problems for r in reports) else 0)
 
 
 @main.command()

@@ -18,6 +18,10 @@ class NnresumeError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    def one_line(self) -> str:
+        """For the ledger and logs: one problem, one line."""
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
 
 class UsageError(NnresumeError):
     """Bad options or environment (exit code 2, like click's own usage errors)."""

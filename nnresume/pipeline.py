@@ -24,6 +24,8 @@ from .config import Paths, PreprocessSettings, format_bytes
 from .context import RunContext
 from .dataset import (GT_IDENTIFIER, CaseFiles, DatasetLayout, key_of, layout_for, list_cases, load_dataset_json,
                       nnunetv2_version, read_header)
+from sqlalchemy.exc import OperationalError
+
 from .errors import DatasetError, Interrupted, NnresumeError
 from .ledger.models import RunStatus, TaskState
 from .ledger.repository import CaseRecord, Ledger
@@ -229,6 +231,11 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
                 raise DiskFullError(f"no space left on device writing {e.filename or layout.preprocessed}",
                                     "free some space and run the same command again") from e
             raise
+        except OperationalError as e:
+            if "disk is full" in str(e.orig):
+                raise DiskFullError(f"no space left on device writing the ledger {layout.ledger}",
+                                    "free some space and run the same command again") from e
+            raise
         else:
             scope = {c.data_identifier for c in ledger.configurations()}
             outcome.failures = failure_lines(ledger, scope)
@@ -253,6 +260,8 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
             try:
                 ctx.ledger.finish_run(ctx.run_id, outcome.status, outcome.reason, ctx.peak_tree or None)
                 outcome.counts = ctx.ledger.state_counts()
+            except Exception as e:  # e.g. the disk is still full: the next run records this one as interrupted
+                log.warning("could not record the end of run %d in the ledger: %s", ctx.run_id, getattr(e, "orig", e))
             finally:
                 ctx.ledger.close()
         outcome.duration_s = time.time() - t0

@@ -25,7 +25,7 @@ from .tasks import Death, Message, TaskFailed, TaskFinished
 
 log = logging.getLogger(__name__)
 
-PRELOAD = ["nnresume.worker"]
+PRELOAD = ["nnresume.forkserver_preload"]
 
 
 @dataclass
@@ -65,6 +65,14 @@ class _Worker:
     conn_open: bool = True
 
 
+def _worker_main(conn: Any, task: Any) -> None:
+    """Runs in the child. The import is free there (the forkserver preloaded it); keeping it out of the parent spares
+    the orchestrator importing nnunetv2 on runs that only hash files."""
+    from .worker import worker_main
+
+    worker_main(conn, task)
+
+
 def describe_signal(sig: int) -> str:
     try:
         return signal.Signals(sig).name
@@ -90,10 +98,8 @@ class LocalPool:
         return [os.getpid()] + ([pid] if pid else [])
 
     def submit(self, task: Any) -> None:
-        from .worker import worker_main
-
         parent, child = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=worker_main, args=(child, task), name=f"nnresume-{task.case}",
+        process = self._ctx.Process(target=_worker_main, args=(child, task), name=f"nnresume-{task.case}",
                                     daemon=False)
         process.start()
         child.close()

@@ -31,10 +31,13 @@ class StopFlag:
         self.signal_name: Optional[str] = None
         self.exit_code: int = 0
         self.at: Optional[float] = None
+        self.force = False  # a second signal: stop running cases now, without the grace period
 
     def set(self, signal_name: str, exit_code: int) -> None:
         if self.signal_name is None:
             self.signal_name, self.exit_code, self.at = signal_name, exit_code, time.monotonic()
+        else:
+            self.force = True
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
@@ -146,9 +149,9 @@ class Runner:
                 grace_deadline = (self.stop.at or time.monotonic()) + self.grace
                 stats.halted = f"stopped by {self.stop.signal_name}"
                 if running:
-                    log.warning("%s: no new cases start; waiting up to %.0f s for %d running case(s) to finish",
-                                self.stop.signal_name, self.grace, len(running))
-            if grace_deadline is not None and time.monotonic() > grace_deadline and running:
+                    log.warning("%s: no new cases start; waiting up to %.0f s for %d running case(s) to finish "
+                                "(signal again to stop them now)", self.stop.signal_name, self.grace, len(running))
+            if grace_deadline is not None and running and (self.stop.force or time.monotonic() > grace_deadline):
                 for task_id, r in running.items():
                     if not r.stop_requested:
                         log.warning("case %s: stopped at shutdown; it will be redone on the next run", r.item.case)

@@ -3,18 +3,18 @@
 A case is analysed again only when its inputs changed, the extractor or the per-case sample count changed (that count
 is 10e7 divided by the number of cases, so adding or removing a case changes every case's samples), or its result is
 missing. A file whose size or mtime changed is hashed again; if its content hashes as before (a `touch`), the old
-result stands. Each case's result is a pickle of `analyze_case`'s return value, committed like any output.
+result stands. Each case's result is `analyze_case`'s return value, stored exactly but compressed (blobs.py) and
+committed like any output.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import atomic_io
+from . import atomic_io, blobs
 from .context import RunContext, place_files, stat_matches
 from .dataset import (OUTPUT_FORMAT_VERSION, CaseFiles, key_of, num_channels, num_foreground_samples_per_case,
                       voxels_of_header)
@@ -27,6 +27,7 @@ from .tasks import FingerprintResult, FingerprintTask, InputFileInfo
 log = logging.getLogger(__name__)
 
 FINGERPRINT_JSON = "dataset_fingerprint.json"
+RESULT_FORMAT = 2  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
 
 
 @dataclass
@@ -50,7 +51,7 @@ class FingerprintPlan:
 
 
 def fingerprint_key(extractor: str, num_samples: int, dataset_json: dict[str, Any], version: str) -> str:
-    return key_of({"format": OUTPUT_FORMAT_VERSION, "extractor": extractor, "num_samples": num_samples,
+    return key_of({"format": OUTPUT_FORMAT_VERSION, "result_format": RESULT_FORMAT, "extractor": extractor, "num_samples": num_samples,
                    "nnunetv2": version, "file_ending": dataset_json["file_ending"],
                    "reader": dataset_json.get("overwrite_image_reader_writer")})
 
@@ -223,7 +224,7 @@ def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles
         if hashlib.sha256(blob).hexdigest() != sha:
             raise DatasetError(f"fingerprint result of case {name} ({path}) does not match its checksum",
                                "run the same command again: the case will be fingerprinted again")
-        results.append(pickle.loads(blob))
+        results.append(blobs.loads(blob))
     log.info("Writing %s from %d case(s)", target.name, len(results))
     fingerprint = nnunet.aggregate_fingerprint(results, dataset_json)
     nnunet.write_fingerprint(fingerprint, str(target), str(ctx.staging))

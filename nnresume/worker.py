@@ -14,13 +14,13 @@ import ctypes
 import errno
 import hashlib
 import os
-import pickle
+import shutil
 import signal
 import time
 import traceback
 from typing import Any, Callable, Optional
 
-from . import atomic_io, crashpoints, dataset, validate
+from . import atomic_io, blobs, crashpoints, dataset, validate
 from .errors import CaseError, InputChangedError
 from .tasks import (FingerprintResult, FingerprintTask, InputFileInfo, OutputResult, PreprocessTask, StagedFile,
                     Target, TaskFailed, TaskFinished)
@@ -119,7 +119,7 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
     images = [p for r, _, p in task.files if r == "image"]
     label = next(p for r, _, p in task.files if r == "label")
     header = dataset.read_header(images[0]) if images else None
-    validate.before_read(task.case, images, label)
+    validate.before_read(task.case, images, label, task.dataset_json)
     wrap = _validating(task.case, images, label, task.dataset_json)
     result = validate.wrap_nnunet_errors(
         task.case, "fingerprint", images, label,
@@ -129,11 +129,11 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise InputChangedError(task.case, "file changed while it was being read", f.path,
                                     "rerun once the file is complete")
-    name = f"{task.case}.pkl"
+    name = f"{task.case}.fingerprint"
 
     def write(prefix: str) -> None:
-        with open(prefix + ".pkl", "wb") as fh:
-            pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        with open(prefix + ".fingerprint", "wb") as fh:
+            fh.write(blobs.dumps(result))
 
     (staged,) = _stage_files(task.staging_dir, task.case, [name], write)
     shape_after_crop, spacing = result[0], result[1]
@@ -149,7 +149,7 @@ def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
             raise InputChangedError(task.case, "file changed after its fingerprint was taken", f.path,
                                     "rerun: the case will be fingerprinted and preprocessed again")
     needs_read = any(t.data_identifier != dataset.GT_IDENTIFIER for t in task.targets_)
-    validate.before_read(task.case, list(task.images), task.label)
+    validate.before_read(task.case, list(task.images), task.label, task.dataset_json)
     read = None
     if needs_read:
         wrap = _validating(task.case, list(task.images), task.label, task.dataset_json)
@@ -180,6 +180,20 @@ def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
         send(OutputResult(task.case, target, staged, time.time() - t0, peak_rss()))
 
 
+DISK_FULL_BELOW = 16 << 20
+
+
+def _disk_full(path: str) -> bool:
+    """blosc2 reports a full disk as a bare RuntimeError; the free space says what happened."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        return shutil.disk_usage(probe or "/").free < DISK_FULL_BELOW
+    except OSError:
+        return False
+
+
 def run_task(task: Any, send: Callable[[Any], None]) -> None:
     """Runs a task and reports its outcome through `send`. Never raises for a case's own failure."""
     t0 = time.time()
@@ -192,19 +206,27 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
         else:
             raise TypeError(f"unknown task {task!r}")
     except CaseError as e:
-        send(TaskFailed(task.case, task.targets, "case", str(e)))
+        if _disk_full(task.staging_dir):
+            send(TaskFailed(task.case, task.targets, "disk",
+                            f"case {task.case}: no space left on device writing {task.staging_dir} ({e.message})"))
+        else:
+            send(TaskFailed(task.case, task.targets, "case", e.one_line()))
         return
     except MemoryError:
         send(TaskFailed(task.case, task.targets, "memory",
                         f"case {task.case}: out of memory (MemoryError) in {task.stage}", traceback.format_exc()))
         return
     except OSError as e:
-        kind = "disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "case"
+        kind = "disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(task.staging_dir) else "case"
         where = f" ({e.filename})" if e.filename else ""
         send(TaskFailed(task.case, task.targets, kind,
                         f"case {task.case}{where}: {e.strerror or e} during {task.stage}", traceback.format_exc()))
         return
     except Exception as e:  # an nnU-Net error we did not anticipate: report it against the case, with the traceback
+        if _disk_full(task.staging_dir):
+            send(TaskFailed(task.case, task.targets, "disk", f"case {task.case}: no space left on device writing "
+                                                             f"{task.staging_dir} ({type(e).__name__}: {e})"))
+            return
         send(TaskFailed(task.case, task.targets, "case",
                         f"case {task.case}: {type(e).__name__}: {e} ({task.stage})", traceback.format_exc()))
         return

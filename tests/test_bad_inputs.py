@@ -1,0 +1,161 @@
+"""Bad input: each broken case gets one clear message naming the case, the file and the cause, is marked failed, and
+the run goes on with the others (exit code 3). A broken dataset as a whole fails at once, without a traceback."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from .conftest import MULTI, SMALL, copy_dataset, run_nnresume
+
+pytestmark = pytest.mark.slow
+
+
+def _rewrite(path: Path, edit: Callable[[np.ndarray], np.ndarray], spacing: tuple | None = None) -> None:
+    img = sitk.ReadImage(str(path))
+    arr = edit(sitk.GetArrayFromImage(img))
+    out = sitk.GetImageFromArray(arr)
+    out.SetOrigin(img.GetOrigin())
+    out.SetDirection(img.GetDirection())
+    out.SetSpacing(spacing or img.GetSpacing())
+    sitk.WriteImage(out, str(path), useCompression=True)
+
+
+def _with_nan(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float32)
+    a[a.shape[0] // 2, a.shape[1] // 2, a.shape[2] // 2] = np.nan
+    return a
+
+
+def _with_inf(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float32)
+    a[1, 1, 1] = np.inf
+    return a
+
+
+def _undeclared(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a[a == 2] = 5
+    return a
+
+
+def _break_single_channel(ds: Path) -> dict[str, tuple[str, str]]:
+    """Breaks one case per kind; returns case -> (file expected in the message, words expected in the message)."""
+    im, lb = ds / "imagesTr", ds / "labelsTr"
+    corrupt = im / "small_0000_0000.nii.gz"
+    corrupt.write_bytes(corrupt.read_bytes()[: corrupt.stat().st_size // 2])
+    _rewrite(lb / "small_0001.nii.gz", lambda a: a[:, :-3, :])
+    _rewrite(lb / "small_0002.nii.gz", lambda a: a, spacing=(0.5, 0.5, 4.0))
+    (im / "small_0003_0000.nii.gz").write_bytes(b"")
+    (lb / "small_0004.nii.gz").write_bytes(b"this is not an image")
+    _rewrite(lb / "small_0005.nii.gz", _undeclared)
+    (lb / "small_0006.nii.gz").write_bytes(b"")
+    (lb / "small_0007.nii.gz").unlink()
+    (lb / "small_0007.nii.gz").mkdir()
+    return {
+        "small_0000": ("small_0000_0000.nii.gz", "truncated"),
+        "small_0001": ("small_0001.nii.gz", "label shape"),
+        "small_0002": ("small_0002.nii.gz", "label spacing"),
+        "small_0003": ("small_0003_0000.nii.gz", "empty"),
+        "small_0004": ("small_0004.nii.gz", "corrupt"),
+        "small_0005": ("small_0005.nii.gz", "not declared"),
+        "small_0006": ("small_0006.nii.gz", "empty"),
+        "small_0007": ("small_0007.nii.gz", "directory"),
+    }
+
+
+def test_each_bad_case_fails_alone_with_a_clear_message(raw_root: Path, tmp_path: Path) -> None:
+    raw = copy_dataset(raw_root, SMALL, tmp_path / "raw")
+    # a few good cases so the run has something to finish
+    good = []
+    for i in range(8, 11):
+        for sub, suffix in (("imagesTr", "_0000"), ("labelsTr", "")):
+            src = raw / SMALL.folder_name / sub / f"small_{i - 8:04d}{suffix}.nii.gz"
+            shutil.copy(src, raw / SMALL.folder_name / sub / f"small_{i:04d}{suffix}.nii.gz")
+        good.append(f"small_{i:04d}")
+    expected = _break_single_channel(raw / SMALL.folder_name)
+    pp = tmp_path / "pp"
+    r = run_nnresume(raw, pp, "preprocess", "-d", str(SMALL.dataset_id), "-np", "2", "--no-pbar", expect=3)
+    assert "Traceback" not in r.stderr
+    status = json.loads(run_nnresume(raw, pp, "status", "-d", str(SMALL.dataset_id), "--json").stdout)
+    failures = {f["case"]: f for f in status["failures"] if f["stage"] == "fingerprint"}
+    assert set(failures) == set(expected), failures
+    for case, (file, words) in expected.items():
+        reason = failures[case]["reason"]
+        assert failures[case]["state"] == "failed"
+        assert f"case {case}" in reason and file in reason and words.lower() in reason.lower(), reason
+        assert reason.count("\n") == 0, "one line per problem"
+        assert any(case in line and words.lower() in line.lower() for line in r.stderr.splitlines()), case
+    for ident in ("nnUNetPlans_2d", "nnUNetPlans_3d_fullres", "gt_segmentations"):
+        assert status["stages"][ident]["counts"]["done"] == len(good)
+        assert status["stages"][ident]["counts"]["failed"] == len(expected)
+
+
+def test_nan_and_infinite_values(tmp_path: Path) -> None:
+    """ITK's NIfTI reader turns NaN into 0 before nnU-Net sees it; in MetaImage files NaN arrives as NaN."""
+    from nnresume.demo import DemoSpec, make_dataset
+
+    spec = DemoSpec(dataset_id=904, name="Mha", num_cases=4, file_ending=".mha", seed=4)
+    raw = tmp_path / "raw"
+    make_dataset(spec, raw)
+    im = raw / spec.folder_name / "imagesTr"
+    _rewrite(im / "mha_0001_0000.mha", _with_nan)
+    _rewrite(im / "mha_0002_0000.mha", _with_inf)
+    pp = tmp_path / "pp"
+    r = run_nnresume(raw, pp, "preprocess", "-d", "904", "-np", "2", "--no-pbar", expect=3)
+    assert "Traceback" not in r.stderr
+    status = json.loads(run_nnresume(raw, pp, "status", "-d", "904", "--json").stdout)
+    failures = {f["case"]: f["reason"] for f in status["failures"] if f["stage"] == "fingerprint"}
+    assert set(failures) == {"mha_0001", "mha_0002"}
+    assert "mha_0001_0000.mha" in failures["mha_0001"] and "NaN" in failures["mha_0001"]
+    assert "mha_0002_0000.mha" in failures["mha_0002"] and "infinite" in failures["mha_0002"]
+
+
+def test_channel_files_missing_or_extra(raw_root: Path, tmp_path: Path) -> None:
+    raw = copy_dataset(raw_root, MULTI, tmp_path / "raw")
+    im = raw / MULTI.folder_name / "imagesTr"
+    (im / "multi_0001_0001.nii.gz").unlink()
+    shutil.copy(im / "multi_0002_0000.nii.gz", im / "multi_0002_0002.nii.gz")
+    pp = tmp_path / "pp"
+    r = run_nnresume(raw, pp, "preprocess", "-d", str(MULTI.dataset_id), "-np", "2", "--no-pbar", expect=3)
+    assert "Traceback" not in r.stderr
+    status = json.loads(run_nnresume(raw, pp, "status", "-d", str(MULTI.dataset_id), "--json").stdout)
+    failures = {f["case"]: f["reason"] for f in status["failures"] if f["stage"] == "fingerprint"}
+    assert set(failures) == {"multi_0001", "multi_0002"}
+    assert "missing multi_0001_0001.nii.gz" in failures["multi_0001"]
+    assert "unexpected multi_0002_0002.nii.gz" in failures["multi_0002"]
+    assert status["stages"]["nnUNetPlans_3d_fullres"]["counts"]["done"] == MULTI.num_cases - 2
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no-dataset-json", "dataset.json is missing"),
+    ("invalid-dataset-json", "is not valid JSON"),
+    ("no-labels-key", "no 'labels'"),
+    ("no-dataset", "no dataset with id 909"),
+    ("no-cases", "no training cases"),
+])
+def test_a_broken_dataset_fails_at_once(breakage: str, message: str, raw_root: Path, tmp_path: Path) -> None:
+    raw = copy_dataset(raw_root, SMALL, tmp_path / "raw")
+    ds = raw / SMALL.folder_name
+    dataset_id = SMALL.dataset_id
+    if breakage == "no-dataset-json":
+        (ds / "dataset.json").unlink()
+    elif breakage == "invalid-dataset-json":
+        (ds / "dataset.json").write_text('{"channel_names": {"0": "CT"},')
+    elif breakage == "no-labels-key":
+        dj = json.loads((ds / "dataset.json").read_text())
+        del dj["labels"]
+        (ds / "dataset.json").write_text(json.dumps(dj))
+    elif breakage == "no-dataset":
+        dataset_id = 909
+    elif breakage == "no-cases":
+        for p in (ds / "imagesTr").iterdir():
+            p.unlink()
+    r = run_nnresume(raw, tmp_path / "pp", "preprocess", "-d", str(dataset_id), "--no-pbar", expect=1)
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("nnresume:"), r.stderr
