@@ -264,6 +264,37 @@ def verify(datasets: tuple[str, ...], full: bool, as_json: bool, no_pbar: bool) 
     sys.exit(3 if any(r.problems for r in reports) else 0)
 
 
+@main.command(cls=NnUNetStyleCommand)
+@click.option("-d", "datasets", multiple=True, required=True, help="Dataset id or name; several allowed.")
+@click.option("--full", is_flag=True, help="Also read every pixel (NaN, label values) and verify every gzip stream.")
+@click.option("-np", "num_workers", type=click.IntRange(min=1), default=None, help="Parallel readers.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--no-pbar", "--no_pbar", "no_pbar", is_flag=True, help="No progress bar.")
+def check(datasets: tuple[str, ...], full: bool, num_workers: Optional[int], as_json: bool, no_pbar: bool) -> None:
+    """Validate datasets without preprocessing them; report every problem, not only the first.
+
+    Exit code 0 when no errors were found (warnings allowed), 3 when some were.
+    """
+    from .check import agreement, as_dict, check_dataset, render
+    from .dataset import layout_for
+    from .system import usable_cpus
+
+    try:
+        paths = Paths.from_environment()
+        layouts = [layout_for(d, paths.raw, paths.preprocessed) for d in datasets]
+    except NnresumeError as e:
+        _fail(e)
+        return
+    results = [check_dataset(layout, full, num_workers or usable_cpus(), progress=not no_pbar and not as_json)
+               for layout in layouts]
+    across = agreement(results)
+    if as_json:
+        click.echo(json.dumps(as_dict(results, across), indent=2))
+    else:
+        click.echo(render(results, across))
+    sys.exit(3 if any(r.errors for r in results) or any(f.level == "error" for f in across) else 0)
+
+
 @main.command()
 @click.option("--dir", "folder", type=click.Path(file_okay=False), default="nnresume-demo", show_default=True,
               help="Where to put the demo's raw and preprocessed folders.")
