@@ -295,6 +295,33 @@ def check(datasets: tuple[str, ...], full: bool, num_workers: Optional[int], as_
     sys.exit(3 if any(r.errors for r in results) or any(f.level == "error" for f in across) else 0)
 
 
+@main.command(cls=NnUNetStyleCommand)
+@click.option("-d", "dataset", required=True, help="Dataset id or name.")
+@click.option("--run", "run_id", type=int, default=None, help="Run number (default: the last preprocess run).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the PNG and HTML (default: <Dataset>/.nnresume/reports).")
+def report(dataset: str, run_id: Optional[int], out_dir: Optional[str]) -> None:
+    """Draw a run: memory against the budget over time, each case's duration and peak memory (PNG and HTML)."""
+    from pathlib import Path
+
+    from .dataset import layout_for
+    from .ledger.repository import Ledger
+    from .report import write_report
+
+    try:
+        paths = Paths.from_environment()
+        layout = layout_for(dataset, paths.raw, paths.preprocessed)
+        ledger = Ledger.open(str(layout.ledger), create=False)
+        try:
+            files = write_report(layout, ledger, Path(out_dir) if out_dir else layout.work / "reports", run_id)
+        finally:
+            ledger.close()
+    except NnresumeError as e:
+        _fail(e)
+        return
+    click.echo(f"{files.html}\n{files.png}")
+
+
 @main.command()
 @click.option("--dir", "folder", type=click.Path(file_okay=False), default="nnresume-demo", show_default=True,
               help="Where to put the demo's raw and preprocessed folders.")
