@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark: nnUNetv2_plan_and_preprocess against nnresume preprocess, same dataset, same arguments,
+separate output folders, measured the same way (scripts/benchlib.py), median of several repeats.
+
+For each repeat: nnU-Net cold; nnresume cold (outputs compared with nnU-Net's); nnresume no-op rerun; and a cold
+nnresume run killed with SIGKILL once half its outputs are done, then rerun (how much work was redone). Results are
+printed and written into a section of BENCHMARKS.md.
+
+    python scripts/bench.py --name medium --cases 20 --min-shape 64 192 192 --max-shape 96 256 256 \\
+        --np 2 --repeats 3 --workdir /tmp/bench --report BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import Measured, fresh, interpreter_startup, run_measured  # noqa: E402
+
+from nnresume.compare import compare_folders  # noqa: E402
+from nnresume.demo import DemoSpec, make_dataset  # noqa: E402
+
+
+def _env(raw: Path, pp: Path) -> dict[str, str]:
+    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pp),
+               nnUNet_results=str(pp.parent / "results"))
+    env.pop("NNRESUME_CRASH_AT", None)
+    return env
+
+
+def _q(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def parallel_efficiency(db: Path, run_id: int, wall: float, workers: int) -> float:
+    busy = _q(db, "select coalesce(sum(ended_at - started_at), 0) from attempts where run_id=?", (run_id,))[0][0]
+    return busy / (wall * workers)
+
+
+def kill_at_half(raw: Path, pp: Path, spec: DemoSpec, args: list[str]) -> dict[str, Any]:
+    """Cold run killed (SIGKILL, whole group) once half the outputs are done; then the rerun is measured."""
+    db = pp / spec.folder_name / "nnresume.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "nnresume", "preprocess", *args], env=_env(raw, pp),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.monotonic()
+    total = None
+    while proc.poll() is None:
+        try:
+            if db.exists():
+                rows = _q(db, "select count(*), sum(state='done') from outputs")[0]
+                if rows[0] and total is None and _q(db, "select count(*) from configurations")[0][0]:
+                    total = rows[0]
+                if total and (rows[1] or 0) >= total / 2:
+                    break
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_after = time.monotonic() - t0
+    done_before = set(_q(db, "select case_id, data_identifier from outputs where state='done'"))
+    rerun = run_measured([sys.executable, "-m", "nnresume", "preprocess", *args], _env(raw, pp))
+    assert rerun.returncode == 0, rerun.stderr_tail
+    last = _q(db, "select max(id) from runs")[0][0]
+    redone = set(_q(db, "select case_id, data_identifier from outputs where run_id=?", (last,)))
+    n_total = _q(db, "select count(*) from outputs")[0][0]
+    return {"killed_after_s": killed_after, "done_at_kill": len(done_before), "outputs": n_total,
+            "rerun_wall_s": rerun.wall_s, "outputs_redone": len(redone),
+            "finished_outputs_recomputed": len(redone & done_before)}
+
+
+def one_repeat(raw: Path, work: Path, spec: DemoSpec, np_: int, extra: list[str], i: int,
+               log: Any) -> dict[str, Any]:
+    nn_args = ["-d", str(spec.dataset_id), "-npfp", str(np_), "-np", str(np_), "--no_pbar", *extra]
+    our_args = ["-d", str(spec.dataset_id), "-np", str(np_), "--no-pbar", *extra]
+    out: dict[str, Any] = {}
+    nn_pp = fresh(work / f"nnunet-{i}")
+    m = run_measured(["nnUNetv2_plan_and_preprocess", *nn_args], _env(raw, nn_pp))
+    assert m.returncode == 0, m.stderr_tail
+    out["nnunet"] = m
+    log(f"  nnU-Net cold: {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU")
+    our_pp = fresh(work / f"nnresume-{i}")
+    m = run_measured([sys.executable, "-m", "nnresume", "preprocess", *our_args], _env(raw, our_pp))
+    assert m.returncode == 0, m.stderr_tail
+    out["nnresume"] = m
+    log(f"  nnresume cold: {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU")
+    ref = nn_pp / spec.folder_name
+    folders = sorted(p.name for p in ref.iterdir() if p.is_dir())
+    plans = [p.name for p in ref.glob("*Plans*.json")]
+    out["identical"] = compare_folders(our_pp / spec.folder_name, ref, folders, plans) == []
+    db = our_pp / spec.folder_name / "nnresume.sqlite"
+    out["efficiency"] = parallel_efficiency(db, 1, m.wall_s, np_)
+    noop = run_measured([sys.executable, "-m", "nnresume", "preprocess", *our_args], _env(raw, our_pp))
+    assert noop.returncode == 0, noop.stderr_tail
+    out["noop"] = noop
+    log(f"  no-op rerun: {noop.wall_s:.2f} s")
+    out["kill"] = kill_at_half(raw, fresh(work / f"kill-{i}"), spec, our_args)
+    log(f"  kill at 50%: rerun {out['kill']['rerun_wall_s']:.1f} s, "
+        f"{out['kill']['finished_outputs_recomputed']} finished outputs recomputed")
+    return out
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def summarise(runs: list[dict[str, Any]], startup: float) -> dict[str, Any]:
+    def med(get: Any) -> float:
+        return _median([get(r) for r in runs])
+
+    s = {
+        "nnunet_wall": med(lambda r: r["nnunet"].wall_s), "nnresume_wall": med(lambda r: r["nnresume"].wall_s),
+        "nnunet_cpu": med(lambda r: r["nnunet"].cpu_s), "nnresume_cpu": med(lambda r: r["nnresume"].cpu_s),
+        "nnunet_rss": med(lambda r: r["nnunet"].peak_rss_sum), "nnresume_rss": med(lambda r: r["nnresume"].peak_rss_sum),
+        "nnunet_pss": med(lambda r: r["nnunet"].peak_pss_sum), "nnresume_pss": med(lambda r: r["nnresume"].peak_pss_sum),
+        "ratio": _median([r["nnresume"].wall_s / r["nnunet"].wall_s for r in runs]),
+        "cpu_ratio": _median([r["nnresume"].cpu_s / r["nnunet"].cpu_s for r in runs]),
+        "identical": all(r["identical"] for r in runs),
+        "noop": med(lambda r: r["noop"].wall_s), "startup": startup,
+        "efficiency": med(lambda r: r["efficiency"]),
+        "kill_rerun": med(lambda r: r["kill"]["rerun_wall_s"]),
+        "kill_rerun_ratio": _median([r["kill"]["rerun_wall_s"] / r["nnresume"].wall_s for r in runs]),
+        "recomputed": max(r["kill"]["finished_outputs_recomputed"] for r in runs),
+        "done_at_kill": med(lambda r: r["kill"]["done_at_kill"] / r["kill"]["outputs"]),
+        "cpu_source": runs[0]["nnresume"].cpu_source, "repeats": len(runs),
+        "per_repeat": [{"nnunet_wall": r["nnunet"].wall_s, "nnresume_wall": r["nnresume"].wall_s,
+                        "noop": r["noop"].wall_s, "kill": r["kill"]} for r in runs],
+    }
+    return s
+
+
+def machine() -> str:
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    import nnunetv2  # noqa: F401
+    from importlib.metadata import version
+
+    return (f"{psutil.cpu_count()} CPUs ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"Python {platform.python_version()}, nnunetv2 {version('nnunetv2')}, torch {version('torch')}")
+
+
+def markdown(name: str, command: str, spec: DemoSpec, extra: list[str], s: dict[str, Any]) -> str:
+    gb = 2**30
+    return "\n".join([
+        f"### {name}",
+        "",
+        f"- command: `{command}`",
+        f"- dataset: {spec.num_cases} synthetic cases, shapes {spec.min_shape}–{spec.max_shape}, channels "
+        f"{list(spec.channels)}, mixed spacings; arguments for both tools: `{' '.join(extra) or '(defaults)'}`",
+        f"- machine: {machine()}",
+        f"- median of {s['repeats']} repeats; CPU time from {s['cpu_source']}; memory = peak over the run of the "
+        "sum over the process tree, sampled (RSS counts pages shared between processes once per process, "
+        "PSS counts each page once)",
+        "",
+        "| | nnU-Net | nnresume | nnresume / nnU-Net |",
+        "|---|---:|---:|---:|",
+        f"| cold run, wall time | {s['nnunet_wall']:.1f} s | {s['nnresume_wall']:.1f} s | **{s['ratio']:.2f}** |",
+        f"| cold run, CPU time | {s['nnunet_cpu']:.1f} s | {s['nnresume_cpu']:.1f} s | {s['cpu_ratio']:.2f} |",
+        f"| peak memory, sum of RSS | {s['nnunet_rss'] / gb:.2f} GB | {s['nnresume_rss'] / gb:.2f} GB | "
+        f"{s['nnresume_rss'] / s['nnunet_rss']:.2f} |",
+        f"| peak memory, sum of PSS | {s['nnunet_pss'] / gb:.2f} GB | {s['nnresume_pss'] / gb:.2f} GB | "
+        f"{s['nnresume_pss'] / s['nnunet_pss']:.2f} |",
+        f"| outputs identical (arrays, properties, JSON) | | {'yes' if s['identical'] else 'NO'} | |",
+        f"| no-op rerun, wall time | | {s['noop']:.2f} s ({s['noop'] - s['startup']:.2f} s beyond the "
+        f"{s['startup']:.2f} s interpreter start-up) | |",
+        f"| rerun after SIGKILL with {s['done_at_kill'] * 100:.0f}% of outputs done | | {s['kill_rerun']:.1f} s "
+        f"({s['kill_rerun_ratio']:.2f} of a cold run); finished outputs recomputed: {s['recomputed']} | |",
+        f"| parallel efficiency (sum of per-case times / (wall x workers)) | | {s['efficiency']:.2f} | |",
+        "",
+    ])
+
+
+def write_section(report: Path, name: str, text: str) -> None:
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    content = report.read_text() if report.exists() else "# Benchmarks\n\n"
+    block = f"{begin}\n{text}{end}\n"
+    if begin in content and end in content:
+        head, rest = content.split(begin, 1)
+        content = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        content = content.rstrip("\n") + "\n\n" + block
+    report.write_text(content)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="bench")
+    ap.add_argument("--cases", type=int, default=20)
+    ap.add_argument("--min-shape", type=int, nargs=3, default=(64, 192, 192))
+    ap.add_argument("--max-shape", type=int, nargs=3, default=(96, 256, 256))
+    ap.add_argument("--channels", nargs="+", default=["CT"])
+    ap.add_argument("--np", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--args", default="", help="extra arguments for both tools, e.g. '-gpu_memory_target 0.3'")
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--report", type=Path)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    spec = DemoSpec(dataset_id=980, name="Bench", num_cases=a.cases, channels=tuple(a.channels),
+                    min_shape=tuple(a.min_shape), max_shape=tuple(a.max_shape), seed=3)
+    raw = a.workdir / "raw"
+    if not (raw / spec.folder_name / "dataset.json").exists():
+        print(f"generating {spec.num_cases} cases")
+        make_dataset(spec, raw)
+    extra = shlex.split(a.args)
+    runs = []
+    for i in range(a.repeats):
+        print(f"repeat {i + 1}/{a.repeats}")
+        runs.append(one_repeat(raw, a.workdir, spec, a.np, extra, i, print))
+    s = summarise(runs, interpreter_startup())
+    command = "python scripts/bench.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    text = markdown(a.name, command, spec, extra, s)
+    print(text)
+    if a.report:
+        write_section(a.report, a.name, text)
+    if a.json:
+        a.json.write_text(json.dumps(s, indent=2, default=str))
+    return 0 if s["identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Measuring a command the same way for nnU-Net and for nnresume: wall time, CPU time and peak memory of its whole
+process tree.
+
+- CPU: a cgroup v1 cpuacct group counts every process that ever ran in it, exited ones included; where no such group
+  can be made, CPU is summed from samples of the live processes (which misses the last moments of each).
+- Memory: the command runs in its own session; all processes of the session are sampled: the sum of their RSS every
+  0.1 s (as `ps` shows it: pages shared between processes count once per process) and the sum of their PSS every
+  0.5 s (each page counted once, split among the processes sharing it). Both peaks are reported.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+
+
+@dataclass
+class Measured:
+    returncode: int
+    wall_s: float
+    cpu_s: float
+    cpu_source: str
+    peak_rss_sum: int
+    peak_pss_sum: int
+    stderr_tail: str = ""
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (t, sum RSS)
+
+
+def _session(sid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return out
+
+
+def _make_cpu_group() -> Optional[Path]:
+    if os.environ.get("NNRESUME_BENCH_NO_CGROUP"):
+        return None
+    group = CPUACCT / f"nnresume-bench-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+        return group
+    except OSError:
+        return None
+
+
+def run_measured(cmd: list[str], env: dict[str, str], timeout: float = 7200,
+                 extra_cgroup_procs: Optional[list[Path]] = None) -> Measured:
+    """Runs `cmd` in a new session, optionally also inside other cgroups (their cgroup.procs files)."""
+    group = _make_cpu_group()
+    targets = [p for p in [group / "cgroup.procs" if group else None, *(extra_cgroup_procs or [])] if p]
+    wrapped = cmd
+    if targets:
+        joins = " && ".join(f'echo $$ > "{t}"' for t in targets)
+        wrapped = ["sh", "-c", f'{joins} && exec "$@"', "sh", *cmd]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(wrapped, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    peak_rss = peak_pss = 0
+    cpu_seen: dict[int, float] = {}
+    samples: list[tuple[float, int]] = []
+    stderr_chunks: list[str] = []
+    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)  # type: ignore
+    reader.start()
+    last_pss = 0.0
+    while proc.poll() is None:
+        if time.monotonic() - t0 > timeout:
+            os.killpg(proc.pid, 9)
+            break
+        procs = _session(proc.pid)
+        rss = 0
+        for p in procs:
+            try:
+                rss += p.memory_info().rss
+                ct = p.cpu_times()
+                cpu_seen[p.pid] = ct.user + ct.system
+            except psutil.Error:
+                pass
+        peak_rss = max(peak_rss, rss)
+        samples.append((time.monotonic() - t0, rss))
+        if time.monotonic() - last_pss > 0.5:
+            last_pss = time.monotonic()
+            pss = 0
+            for p in procs:
+                try:
+                    pss += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            peak_pss = max(peak_pss, pss)
+        time.sleep(0.1)
+    proc.wait()
+    wall = time.monotonic() - t0
+    reader.join(timeout=10)
+    if group is not None:
+        cpu = int((group / "cpuacct.usage").read_text()) / 1e9
+        source = "cgroup cpuacct"
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    else:
+        cpu, source = sum(cpu_seen.values()), "sampled"
+    return Measured(proc.returncode, wall, cpu, source, peak_rss, peak_pss, "".join(stderr_chunks)[-3000:],
+                    samples)
+
+
+def interpreter_startup(runs: int = 5) -> float:
+    """Median seconds for `python -c pass`: the floor under any Python command."""
+    import statistics
+    import sys
+
+    times = []
+    for _ in range(runs):
+        t = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        times.append(time.monotonic() - t)
+    return statistics.median(times)
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
