@@ -51,12 +51,13 @@ def parse_memory(text: str) -> MemoryBudget:
 
 
 def format_bytes(n: Union[int, float, None]) -> str:
+    """Binary units, named as such: --max-ram 2400M is 2.3 GiB."""
     if n is None:
         return "?"
     n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KiB") else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 

@@ -48,6 +48,14 @@ class RunContext:
                       self.ledger.add_attempt, lambda s: self.ledger.add_memory_samples(self.run_id, s),
                       self.stop, self.settings.grace_seconds, progress=progress)
 
+    def run_one(self, task: Any) -> Any:
+        """A dataset-level task in a worker (nnunetv2 is never imported by the orchestrator)."""
+        runner = self.runner(1, None)
+        try:
+            return runner.run_one(task)
+        finally:
+            self.peak_tree = max(self.peak_tree, runner.peak_tree)
+
     def progress(self, desc: str, total: int, skipped: int) -> StageProgress:
         return StageProgress(desc, total, skipped, self.settings.progress_bar)
 
@@ -73,6 +81,13 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None) -> N
             crashpoints.reached("between_renames")
     atomic_io.fsync_dir(folder)
     crashpoints.reached("renamed")
+
+
+def place_artifact(staged: Any, final: Path, crash_point: str) -> None:
+    """Moves a staged dataset-level file (fingerprint JSON, plans) onto its final name, durably."""
+    crashpoints.reached(crash_point)
+    os.replace(staged.staged_path, final)
+    atomic_io.fsync_dir(final.parent)
 
 
 def stat_matches(path: Path, size: Optional[int]) -> bool:

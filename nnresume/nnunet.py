@@ -32,7 +32,7 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from . import atomic_io, crashpoints
+from . import atomic_io
 from .errors import DatasetError, UsageError
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,49 @@ def analyze_case(extractor: str, images: list[str], label: str, reader: str, num
     return cls.analyze_case(images, label, wrap_reader(rw) if wrap_reader else rw, num_samples)
 
 
-def aggregate_fingerprint(results: list[tuple], dataset_json: dict[str, Any]) -> dict[str, Any]:
-    """`DatasetFingerprintExtractor.run`'s aggregation, from nnunetv2 2.8.1, over per-case results in nnU-Net's order."""
-    shapes_after_crop = [r[0] for r in results]
-    spacings = [r[1] for r in results]
-    foreground_intensities_per_channel = [np.concatenate([r[2][i] for r in results]) for i in
-                                          range(len(results[0][2]))]
-    foreground_intensities_per_channel = np.array(foreground_intensities_per_channel)
-    median_relative_size_after_cropping = np.median([r[4] for r in results], 0)
+def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load: Callable[[int], tuple],
+                          num_cases: int, dataset_json: dict[str, Any]) -> dict:
+    """`DatasetFingerprintExtractor.run`'s aggregation (nnunetv2 2.8.1) over per-case results in nnU-Net's order.
+
+    nnU-Net holds every case's samples, then their concatenation, then `np.array` of it: three copies of 10e7
+    samples per channel. Here `summary(i)` gives the (length, dtype) of case i's samples per channel and `load(i)` the
+    whole result; the samples are copied once into the array `np.array(concatenations)` would produce: same dtype
+    (NumPy's promotion, e.g. to float64 when a case without foreground contributed `[]`), same values, same layout.
+    The statistics below are nnU-Net's lines, unchanged.
+    """
+    lengths: list[list[int]] = []
+    dtypes: list[list[np.dtype]] = []
+    for i in range(num_cases):
+        pieces = summary(i)
+        if i == 0:
+            lengths, dtypes = [[] for _ in pieces], [[] for _ in pieces]
+        for c in range(len(lengths)):
+            lengths[c].append(pieces[c][0])
+            dtypes[c].append(np.dtype(pieces[c][1]))
+    totals = [sum(n) for n in lengths]
+    if len(set(totals)) > 1:
+        raise ValueError(f"channels have different numbers of foreground samples {totals}; nnU-Net cannot "
+                         "aggregate this fingerprint")
+    channel_dtypes = [np.result_type(*d) for d in dtypes]
+    foreground_intensities_per_channel = np.empty((len(totals), totals[0] if totals else 0),
+                                                  dtype=np.result_type(*channel_dtypes) if channel_dtypes else float)
+    shapes_after_crop, spacings, relative_sizes = [], [], []
+    offset = 0
+    for i in range(num_cases):
+        r = load(i)
+        shapes_after_crop.append(r[0])
+        spacings.append(r[1])
+        relative_sizes.append(r[4])
+        pieces = [np.asarray(p) for p in r[2]]
+        del r
+        for c, piece in enumerate(pieces):
+            # the cast np.concatenate makes, then the one np.array makes
+            foreground_intensities_per_channel[c, offset:offset + len(piece)] = piece.astype(
+                channel_dtypes[c], copy=False)
+        offset += lengths[0][i]
+
+    # from here on nnunetv2 2.8.1's lines
+    median_relative_size_after_cropping = np.median(relative_sizes, 0)
     num_channels = len(dataset_json['channel_names'].keys()
                        if 'channel_names' in dataset_json.keys()
                        else dataset_json['modality'].keys())
@@ -150,16 +185,16 @@ def aggregate_fingerprint(results: list[tuple], dataset_json: dict[str, Any]) ->
     }
 
 
-def write_fingerprint(fingerprint: dict[str, Any], final: str, staging: str) -> None:
+def write_fingerprint(fingerprint: dict[str, Any], path: str) -> None:
     """Written with nnU-Net's own `save_json`, so the file is byte-identical to the one nnU-Net writes."""
-    atomic_io.write_json(fingerprint, final, staging, dump=save_json, crash_point="fingerprint_aggregate")
+    save_json(fingerprint, path)
 
 
 # ---- planning -----------------------------------------------------------------------------------------------------
 
-def _atomic_save_plans(staging: str) -> Callable[[Any, dict], None]:
+def _staged_save_plans(staging: str, written: list[str]) -> Callable[[Any, dict], None]:
     def save_plans(self: Any, plans: dict) -> None:
-        # ExperimentPlanner.save_plans from nnunetv2 2.8.1, writing through a staging file
+        # ExperimentPlanner.save_plans from nnunetv2 2.8.1, writing into staging; the orchestrator moves it in place
         recursive_fix_for_json_export(plans)
         plans_file = os.path.join(str(nnunetv2.paths.nnUNet_preprocessed), self.dataset_name,
                                   self.plans_identifier + '.json')
@@ -170,9 +205,11 @@ def _atomic_save_plans(staging: str) -> Callable[[Any, dict], None]:
                 if c in old_configurations.keys():
                     del (old_configurations[c])
             plans['configurations'].update(old_configurations)
-        os.makedirs(os.path.dirname(plans_file), exist_ok=True)
-        atomic_io.write_json(plans, plans_file, staging, dump=lambda o, p: save_json(o, p, sort_keys=False),
-                             crash_point="plans_write")
+        os.makedirs(staging, exist_ok=True)
+        staged = os.path.join(staging, self.plans_identifier + '.json')
+        save_json(plans, staged, sort_keys=False)
+        atomic_io.fsync_file(staged)
+        written.append(staged)
     return save_plans
 
 
@@ -200,11 +237,12 @@ def _one_pass_case_listing() -> Any:
 
 def plan(dataset_name: str, planner: str, gpu_memory_target: Optional[float], preprocessor_name: str,
          overwrite_target_spacing: Optional[tuple[float, ...]], overwrite_plans_name: Optional[str],
-         staging: str, reader_writer_name: Optional[str] = None) -> str:
-    """Runs the planner as `plan_experiment_dataset` does; returns the plans identifier.
+         staging: str, reader_writer_name: Optional[str] = None) -> tuple[str, str]:
+    """Runs the planner as `plan_experiment_dataset` does; returns the plans identifier and the staged plans file.
 
-    The plans JSON is written atomically. The planner also copies dataset.json (and splits_final.json) into the
-    preprocessed folder with plain copies; the caller rewrites dataset.json atomically afterwards. With
+    The plans JSON is written into `staging` (merged with the existing plans file, as nnU-Net merges). The planner
+    also copies dataset.json (and splits_final.json) into the preprocessed folder with plain copies; the caller
+    rewrites dataset.json atomically afterwards. With
     `reader_writer_name`, the planner records that reader instead of trying to open the first case again (which
     fails the whole planning when that one case is corrupt).
     """
@@ -219,12 +257,13 @@ def plan(dataset_name: str, planner: str, gpu_memory_target: Optional[float], pr
                        overwrite_target_spacing=[float(i) for i in overwrite_target_spacing]
                        if overwrite_target_spacing is not None else overwrite_target_spacing,
                        suppress_transpose=False, **kwargs)
-        instance.save_plans = MethodType(_atomic_save_plans(staging), instance)
+        written: list[str] = []
+        instance.save_plans = MethodType(_staged_save_plans(staging, written), instance)
         if reader_writer_name is not None:
             chosen = reader_writer(reader_writer_name)
             instance.determine_reader_writer = lambda: chosen
         instance.plan_experiment()
-    return instance.plans_identifier
+    return instance.plans_identifier, written[-1]
 
 
 def verify_dataset_integrity(raw_folder: str, num_processes: int) -> None:

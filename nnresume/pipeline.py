@@ -33,6 +33,7 @@ from .lock import DatasetLock, process_started_at
 from .memory import resolve_budget
 from .progress import add_run_log, remove_handler
 from .runner import StageStats, StopFlag
+from .tasks import IntegrityTask, ReaderTask
 from . import stage_fingerprint, stage_plan, stage_preprocess
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,8 @@ def _reader_writer(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[st
     art = ctx.ledger.get_artifact("reader_writer")
     if art is not None and art.key == key and art.details:
         return str(art.details["name"])
-    from . import nnunet
-
-    examples = [c.images[0] for c in cases.values() if c.images][:20]
-    name = nnunet.reader_writer_name(dataset_json, examples)
+    examples = tuple(c.images[0] for c in cases.values() if c.images)[:20]
+    name = str(ctx.run_one(ReaderTask(f"reader-{ctx.run_id}", dataset_json, examples)).value)
     ctx.ledger.set_artifact("reader_writer", key, 0, "", ctx.run_id, {"name": name})
     return name
 
@@ -116,10 +115,8 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
                  ", ".join(gone[:10]) + (" ..." if len(gone) > 10 else ""))
         records = {n: r for n, r in records.items() if n not in gone}
     if s.verify_dataset_integrity:
-        from . import nnunet
-
         log.info("Checking dataset integrity with nnU-Net's verify_dataset_integrity")
-        nnunet.verify_dataset_integrity(str(layout.raw), ctx.workers)
+        ctx.run_one(IntegrityTask(f"integrity-{ctx.run_id}", str(layout.raw), ctx.workers))
 
     fplan = stage_fingerprint.plan_fingerprints(ctx, cases, records, dataset_json)
     if fplan.work:

@@ -176,3 +176,10 @@ class LocalPool:
             w.process.join(max(0.0, deadline - time.monotonic()))
             w.conn.close()
         self._workers.clear()
+        # stop the forkserver now rather than when this process exits, so nothing of the run outlives it
+        stop = getattr(forkserver._forkserver, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except OSError:
+                pass

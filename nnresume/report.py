@@ -72,13 +72,17 @@ def _figure(data: dict[str, Any]) -> bytes:
         ax2.legend(loc="upper right")
     ax.set_title(f"Run {run['id']}: memory against the budget ({format_bytes(run['budget_bytes'])})")
     ax.set_xlabel("seconds since the run started")
-    ax.set_ylabel("GB")
+    ax.set_ylabel("GiB")
     ax.legend(loc="upper left")
 
     colours = {"fingerprint": "tab:purple", "preprocess": "tab:orange"}
     ok = [c for c in cases if c["outcome"] == "ok"]
     bad = [c for c in cases if c["outcome"] != "ok"]
     ax = axes[1]
+    steps = [c for c in ok if c["stage"] not in colours]  # reader, aggregation, planning: the dataset as a whole
+    if steps:
+        ax.barh([c["stage"] for c in steps], [c["duration_s"] for c in steps], left=[c["start_s"] for c in steps],
+                color="tab:gray", label="dataset steps")
     for stage, colour in colours.items():
         sel = [c for c in ok if c["stage"] == stage]
         ax.barh([c["case"] + (" fp" if stage == "fingerprint" else "") for c in sel],
@@ -103,7 +107,7 @@ def _figure(data: dict[str, Any]) -> bytes:
         ax.axhline(run["budget_bytes"] / GB, color="tab:red", linestyle="--", label="budget")
     ax.set_title("Per case: duration and peak memory (RSS of its worker)")
     ax.set_xlabel("seconds")
-    ax.set_ylabel("GB")
+    ax.set_ylabel("GiB")
     ax.legend(loc="upper left", fontsize=8)
 
     buf = io.BytesIO()

@@ -17,7 +17,8 @@ from .ledger.repository import AttemptRecord, MemorySampleRecord
 from .memory import Estimator, Readings, RunningCase, Thresholds, TreeSampler, decide
 from .pool import Ended, LocalPool, Received, describe_signal
 from .scheduler import QueueItem, Scheduler
-from .tasks import Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
+from .errors import DatasetError, Interrupted, NnresumeError
+from .tasks import DatasetResult, Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,56 @@ class Runner:
         self._last_flush = time.monotonic()
         self.record_samples(samples)
 
+    # ---- one dataset-level task ----------------------------------------------------------------------------------
+
+    def run_one(self, task: Any) -> DatasetResult:
+        """Runs a dataset-level task (reader, aggregation, plan) in a worker, alone, sampled like a case.
+
+        Its failure stops the run with its message; a signal stops it after the grace period.
+        """
+        self.pool.submit(task)
+        wall = time.time()
+        result: Optional[DatasetResult] = None
+        failure: Optional[TaskFailed] = None
+        death: Optional[Death] = None
+        peak = 0
+        ended = False
+        while not ended:
+            for event in self.pool.poll(TICK):
+                if isinstance(event, Received):
+                    if isinstance(event.message, TaskFailed):
+                        failure = event.message
+                    elif isinstance(event.message, DatasetResult):
+                        result = event.message
+                elif isinstance(event, Ended):
+                    death, ended = event.death, True
+            readings = self._sample({})
+            peak = max(peak, readings.per_task.get(task.task_id, 0))
+            if not ended and self.stop and (self.stop.force or time.monotonic() > (self.stop.at or 0) + self.grace):
+                self.pool.kill(task.task_id)
+        outcome = "ok" if result and not failure and not death else "error" if failure else "died"
+        self.record_attempt(AttemptRecord(
+            run_id=self.run_id, case_name=task.case, stage=task.stage, targets=list(task.targets), started_at=wall,
+            ended_at=time.time(), outcome=outcome if not (death and death.killed_by_us) else "stopped",
+            exit_code=death.exit_code if death else 0, signal=death.signal if death else None,
+            peak_rss=result.peak_rss if result else None, last_rss=peak or None, budget_bytes=self.budget,
+            message=failure.message if failure else None))
+        self.flush_samples()
+        if self.stop and (death or result is None):
+            raise Interrupted(self.stop.signal_name or "signal", self.stop.exit_code)
+        if failure is not None:
+            if failure.kind == "disk":
+                raise NnresumeError(failure.message, "free some space and run the same command again")
+            raise DatasetError(failure.message)
+        if death is not None:
+            how = (f"was killed by {describe_signal(death.signal)}" if death.signal
+                   else f"exited with code {death.exit_code}")
+            likely = " (likely out of memory)" if death.signal == 9 else ""
+            raise NnresumeError(f"the {task.stage} step's worker {how}{likely} at {format_bytes(peak or None)}",
+                                "run the same command again; finished cases are kept")
+        assert result is not None
+        return result
+
     # ---- the loop ---------------------------------------------------------------------------------------------
 
     def run(self, scheduler: Scheduler, handler: StageHandler) -> StageStats:
@@ -177,8 +228,9 @@ class Runner:
                 attempts[item.task_id] = attempts.get(item.task_id, 0) + 1
                 alone = item.task_id in decision.alone
                 if item.task_id in decision.oversized:
-                    log.warning("case %s: estimated peak %s exceeds the budget %s; running it alone",
-                                item.case, format_bytes(item.estimate), format_bytes(self.budget))
+                    log.warning("case %s: estimated peak %s, beside the %s nnresume itself holds, exceeds the "
+                                "budget %s; running it alone", item.case, format_bytes(item.estimate),
+                                format_bytes(readings.overhead), format_bytes(self.budget))
                 task = handler.build(item, attempts[item.task_id])
                 handler.started(item)
                 self.pool.submit(task)

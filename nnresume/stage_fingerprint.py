@@ -8,26 +8,26 @@ committed like any output.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import atomic_io, blobs
-from .context import RunContext, place_files, stat_matches
+from . import atomic_io
+from .config import format_bytes
+from .context import RunContext, place_artifact, place_files, stat_matches
 from .dataset import (OUTPUT_FORMAT_VERSION, CaseFiles, key_of, num_channels, num_foreground_samples_per_case,
                       voxels_of_header)
 from .errors import DatasetError
 from .ledger.models import TaskState
 from .ledger.repository import CaseRecord, FileRecord
 from .scheduler import QueueItem, Scheduler
-from .tasks import FingerprintResult, FingerprintTask, InputFileInfo
+from .tasks import AggregateTask, FingerprintResult, FingerprintTask, InputFileInfo
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_JSON = "dataset_fingerprint.json"
-RESULT_FORMAT = 2  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
+RESULT_FORMAT = 3  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
 
 
 @dataclass
@@ -214,21 +214,16 @@ def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles
     if art is not None and art.key == key and target.is_file() and atomic_io.file_digest(target) == art.sha256:
         log.debug("dataset fingerprint up to date")
         return art.sha256, left_out
-    from . import nnunet  # imports nnunetv2: only when the fingerprint must be written
-
-    results = []
-    for name, rel, sha in good:
-        path = ctx.layout.work / rel
-        with open(path, "rb") as f:
-            blob = f.read()
-        if hashlib.sha256(blob).hexdigest() != sha:
-            raise DatasetError(f"fingerprint result of case {name} ({path}) does not match its checksum",
-                               "run the same command again: the case will be fingerprinted again")
-        results.append(blobs.loads(blob))
-    log.info("Writing %s from %d case(s)", target.name, len(results))
-    fingerprint = nnunet.aggregate_fingerprint(results, dataset_json)
-    nnunet.write_fingerprint(fingerprint, str(target), str(ctx.staging))
-    sha = atomic_io.file_digest(target)
-    ctx.ledger.set_artifact(FINGERPRINT_JSON, key, target.stat().st_size, sha, ctx.run_id,
+    need = (num_channels(dataset_json) + 2) * 4 * 10**8
+    if need > ctx.budget:
+        log.warning("aggregating the dataset fingerprint needs about %s (nnU-Net samples 10e7 foreground voxels per "
+                    "channel); the budget is %s", format_bytes(need), format_bytes(ctx.budget))
+    log.info("Writing %s from %d case(s)", target.name, len(good))
+    results = tuple((name, str(ctx.layout.work / rel), sha) for name, rel, sha in good)
+    result = ctx.run_one(AggregateTask(f"aggregate-{ctx.run_id}", results, dataset_json,
+                                       str(ctx.staging / "aggregate")))
+    place_artifact(result.staged, target, "fingerprint_aggregate")
+    sha = result.staged.sha256
+    ctx.ledger.set_artifact(FINGERPRINT_JSON, key, result.staged.size, sha, ctx.run_id,
                             {"cases": len(good), "left_out": left_out})
     return sha, left_out

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic_io
-from .context import RunContext
+from .context import RunContext, place_artifact
 from .dataset import key_of
 from .errors import DatasetError
+from .tasks import PlanTask
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,17 @@ def up_to_date_plans(ctx: RunContext, fingerprint_sha: str) -> tuple[Path, dict[
 
 
 def plan(ctx: RunContext, fingerprint_sha: str, reader_writer: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Runs the planner (the caller has checked `up_to_date_plans` first)."""
-    from . import nnunet  # imports nnunetv2
-
+    """Runs the planner in a worker (the caller has checked `up_to_date_plans` first)."""
     s = ctx.settings
     log.info("Planning with %s", s.planner)
-    identifier = nnunet.plan(ctx.layout.name, s.planner, s.gpu_memory_target, s.preprocessor_name,
-                             s.overwrite_target_spacing, s.overwrite_plans_name, str(ctx.staging), reader_writer)
+    result = ctx.run_one(PlanTask(f"plan-{ctx.run_id}", ctx.layout.name, s.planner, s.gpu_memory_target,
+                                  s.preprocessor_name, s.overwrite_target_spacing, s.overwrite_plans_name,
+                                  reader_writer, str(ctx.staging / "plan")))
+    identifier = str(result.value)
+    path = ctx.layout.preprocessed / f"{identifier}.json"
+    place_artifact(result.staged, path, "plans_write")
     # the planner copies dataset.json with a plain copy; make sure a complete copy is what stays
     atomic_io.copy_file(ctx.layout.raw / DATASET_JSON, ctx.layout.preprocessed / DATASET_JSON, ctx.staging)
-    path = ctx.layout.preprocessed / f"{identifier}.json"
     ctx.ledger.set_artifact(PLANS, plans_key(ctx, fingerprint_sha), path.stat().st_size, atomic_io.file_digest(path),
                             ctx.run_id, {"plans_identifier": identifier, "planner": s.planner})
     log.info("Plans written to %s", path)

@@ -40,10 +40,15 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
     out: dict[str, Any] = {"dataset": layout.name, "ledger": str(layout.ledger), "cases": len(cases)}
 
     fp_counts = {s: 0 for s in STATES}
+    fp_peaks = []
     for rec in cases.values():
         if rec.fingerprint:
             fp_counts[rec.fingerprint.state.value] += 1
-    stages: dict[str, Any] = {"fingerprint": {"counts": fp_counts, "total": sum(fp_counts.values())}}
+            if rec.fingerprint.state == TaskState.done and rec.fingerprint.peak_rss:
+                fp_peaks.append(rec.fingerprint.peak_rss)
+    stages: dict[str, Any] = {"fingerprint": {
+        "counts": fp_counts, "total": sum(fp_counts.values()), "peak_rss_max": max(fp_peaks, default=None),
+        "peak_rss_median": int(statistics.median(fp_peaks)) if fp_peaks else None}}
     failures = []
     for rec in cases.values():
         fp = rec.fingerprint

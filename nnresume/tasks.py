@@ -77,7 +77,81 @@ class PreprocessTask:
         return [t.data_identifier for t in self.targets_]
 
 
-Task = Union[FingerprintTask, PreprocessTask]
+@dataclass(frozen=True)
+class ReaderTask:
+    """Which of nnU-Net's readers opens this dataset (it tries them on an example image)."""
+
+    task_id: str
+    dataset_json: dict[str, Any]
+    examples: tuple[str, ...]
+    case: str = "(dataset)"
+    stage: str = "reader"
+
+    @property
+    def targets(self) -> list[str]:
+        return ["reader"]
+
+
+@dataclass(frozen=True)
+class AggregateTask:
+    """dataset_fingerprint.json from the per-case results, written into staging."""
+
+    task_id: str
+    results: tuple[tuple[str, str, str], ...]  # (case, path, sha256) in nnU-Net's case order
+    dataset_json: dict[str, Any]
+    staging_dir: str
+    case: str = "(dataset)"
+    stage: str = "aggregate"
+
+    @property
+    def targets(self) -> list[str]:
+        return ["dataset_fingerprint.json"]
+
+
+@dataclass(frozen=True)
+class PlanTask:
+    """The planner's plans JSON, written into staging (nnU-Net's planner itself copies dataset.json)."""
+
+    task_id: str
+    dataset_name: str
+    planner: str
+    gpu_memory_target: Optional[float]
+    preprocessor_name: str
+    overwrite_target_spacing: Optional[tuple[float, ...]]
+    overwrite_plans_name: Optional[str]
+    reader_writer: Optional[str]
+    staging_dir: str
+    case: str = "(dataset)"
+    stage: str = "plan"
+
+    @property
+    def targets(self) -> list[str]:
+        return ["plans"]
+
+
+@dataclass(frozen=True)
+class IntegrityTask:
+    task_id: str
+    raw_folder: str
+    num_processes: int
+    case: str = "(dataset)"
+    stage: str = "integrity"
+
+    @property
+    def targets(self) -> list[str]:
+        return ["integrity"]
+
+
+Task = Union[FingerprintTask, PreprocessTask, ReaderTask, AggregateTask, PlanTask, IntegrityTask]
+
+
+@dataclass(frozen=True)
+class DatasetResult:
+    """Result of a dataset-level task: a value (reader name, plans identifier) and/or a staged file."""
+
+    value: Optional[str] = None
+    staged: Optional[StagedFile] = None
+    peak_rss: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +195,7 @@ class TaskFinished:
     peak_rss: Optional[int]
 
 
-Message = Union[FingerprintResult, OutputResult, TaskFailed, TaskFinished]
+Message = Union[FingerprintResult, OutputResult, DatasetResult, TaskFailed, TaskFinished]
 
 
 @dataclass

@@ -11,6 +11,7 @@ orchestrator learns of it from the process sentinel.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import errno
 import hashlib
 import os
@@ -18,12 +19,15 @@ import shutil
 import signal
 import time
 import traceback
+
+import numpy as np
 from typing import Any, Callable, Optional
 
 from . import atomic_io, blobs, crashpoints, dataset, validate
 from .errors import CaseError, InputChangedError
-from .tasks import (FingerprintResult, FingerprintTask, InputFileInfo, OutputResult, PreprocessTask, StagedFile,
-                    Target, TaskFailed, TaskFinished)
+from .errors import NnresumeError
+from .tasks import (AggregateTask, DatasetResult, FingerprintResult, FingerprintTask, InputFileInfo, IntegrityTask,
+                    OutputResult, PlanTask, PreprocessTask, ReaderTask, StagedFile, Target, TaskFailed, TaskFinished)
 
 # Importing the adapter here makes the forkserver preload nnunetv2 once for every worker it forks.
 from . import nnunet  # noqa: E402
@@ -131,9 +135,12 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
                                     "rerun once the file is complete")
     name = f"{task.case}.fingerprint"
 
+    # what aggregation needs before it reads the samples: their lengths and dtypes per channel
+    summary = [(len(p), str(np.asarray(p).dtype)) for p in result[2]]
+
     def write(prefix: str) -> None:
         with open(prefix + ".fingerprint", "wb") as fh:
-            fh.write(blobs.dumps(result))
+            fh.write(blobs.dumps(result, summary))
 
     (staged,) = _stage_files(task.staging_dir, task.case, [name], write)
     shape_after_crop, spacing = result[0], result[1]
@@ -194,41 +201,87 @@ def _disk_full(path: str) -> bool:
         return False
 
 
+def _staged(path: str) -> StagedFile:
+    atomic_io.fsync_file(path)
+    return StagedFile(os.path.basename(path), path, os.path.getsize(path), atomic_io.file_digest(path))
+
+
+def run_aggregate(task: AggregateTask, send: Callable[[Any], None]) -> None:
+    def summary(i: int) -> list[tuple[int, str]]:
+        return blobs.read_summary(task.results[i][1])
+
+    def load(i: int) -> tuple:
+        case, path, sha = task.results[i]
+        with open(path, "rb") as f:
+            blob = f.read()
+        if hashlib.sha256(blob).hexdigest() != sha:
+            raise CaseError(case, "its fingerprint result does not match the checksum the ledger recorded", path,
+                            "run the same command again: the case is fingerprinted again")
+        return blobs.loads(blob)
+
+    fingerprint = nnunet.aggregate_fingerprint(summary, load, len(task.results), task.dataset_json)
+    os.makedirs(task.staging_dir, exist_ok=True)
+    path = os.path.join(task.staging_dir, "dataset_fingerprint.json")
+    nnunet.write_fingerprint(fingerprint, path)
+    send(DatasetResult(staged=_staged(path), peak_rss=peak_rss()))
+
+
+def run_plan(task: PlanTask, send: Callable[[Any], None]) -> None:
+    identifier, staged = nnunet.plan(task.dataset_name, task.planner, task.gpu_memory_target,
+                                     task.preprocessor_name, task.overwrite_target_spacing, task.overwrite_plans_name,
+                                     task.staging_dir, task.reader_writer)
+    send(DatasetResult(value=identifier, staged=_staged(staged), peak_rss=peak_rss()))
+
+
 def run_task(task: Any, send: Callable[[Any], None]) -> None:
     """Runs a task and reports its outcome through `send`. Never raises for a case's own failure."""
     t0 = time.time()
     crashpoints.set_case(task.case)
+    staging = getattr(task, "staging_dir", None) or "/"
+    who = f"case {task.case}" if isinstance(task, (FingerprintTask, PreprocessTask)) else f"{task.stage} step"
     try:
         if isinstance(task, FingerprintTask):
             run_fingerprint(task, send)
         elif isinstance(task, PreprocessTask):
             run_preprocess(task, send)
+        elif isinstance(task, ReaderTask):
+            send(DatasetResult(value=nnunet.reader_writer_name(task.dataset_json, list(task.examples))))
+        elif isinstance(task, AggregateTask):
+            run_aggregate(task, send)
+        elif isinstance(task, PlanTask):
+            run_plan(task, send)
+        elif isinstance(task, IntegrityTask):
+            nnunet.verify_dataset_integrity(task.raw_folder, task.num_processes)
+            send(DatasetResult(value="ok"))
         else:
             raise TypeError(f"unknown task {task!r}")
     except CaseError as e:
-        if _disk_full(task.staging_dir):
+        if _disk_full(staging):
             send(TaskFailed(task.case, task.targets, "disk",
-                            f"case {task.case}: no space left on device writing {task.staging_dir} ({e.message})"))
+                            f"{who}: no space left on device writing {staging} ({e.message})"))
         else:
             send(TaskFailed(task.case, task.targets, "case", e.one_line()))
         return
+    except NnresumeError as e:  # a dataset-level task's own error (no reader fits, a planner not found)
+        send(TaskFailed(task.case, task.targets, "dataset", e.one_line()))
+        return
     except MemoryError:
         send(TaskFailed(task.case, task.targets, "memory",
-                        f"case {task.case}: out of memory (MemoryError) in {task.stage}", traceback.format_exc()))
+                        f"{who}: out of memory (MemoryError) in {task.stage}", traceback.format_exc()))
         return
     except OSError as e:
-        kind = "disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(task.staging_dir) else "case"
+        kind = "disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(staging) else "case"
         where = f" ({e.filename})" if e.filename else ""
         send(TaskFailed(task.case, task.targets, kind,
-                        f"case {task.case}{where}: {e.strerror or e} during {task.stage}", traceback.format_exc()))
+                        f"{who}{where}: {e.strerror or e} during {task.stage}", traceback.format_exc()))
         return
-    except Exception as e:  # an nnU-Net error we did not anticipate: report it against the case, with the traceback
-        if _disk_full(task.staging_dir):
-            send(TaskFailed(task.case, task.targets, "disk", f"case {task.case}: no space left on device writing "
-                                                             f"{task.staging_dir} ({type(e).__name__}: {e})"))
+    except Exception as e:  # an nnU-Net error we did not anticipate: report it with the traceback
+        if _disk_full(staging):
+            send(TaskFailed(task.case, task.targets, "disk", f"{who}: no space left on device writing "
+                                                             f"{staging} ({type(e).__name__}: {e})"))
             return
         send(TaskFailed(task.case, task.targets, "case",
-                        f"case {task.case}: {type(e).__name__}: {e} ({task.stage})", traceback.format_exc()))
+                        f"{who}: {type(e).__name__}: {e} ({task.stage})", traceback.format_exc()))
         return
     send(TaskFinished(time.time() - t0, peak_rss()))
 

@@ -1,5 +1,5 @@
 """Measuring a command the same way for nnU-Net and for nnresume: wall time, CPU time and peak memory of its whole
-process tree.
+process tree; and child memory cgroups for real out-of-memory situations.
 
 - CPU: a cgroup v1 cpuacct group counts every process that ever ran in it, exited ones included; where no such group
   can be made, CPU is summed from samples of the live processes (which misses the last moments of each).
@@ -14,11 +14,14 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import psutil
+
+from nnresume.system import memory_cgroup_path
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 
@@ -136,3 +139,110 @@ def fresh(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+# ---- child memory cgroups --------------------------------------------------------------------------------------
+# A child of this process's own memory cgroup gets a limit; a command started inside it is OOM-killed by the kernel
+# when the group exceeds the limit, and nothing outside the group is touched. cgroup v1 (memory.limit_in_bytes,
+# memory.oom_control) and v2 (memory.max, memory.events).
+
+@dataclass
+class CgroupRun:
+    returncode: int
+    wall_s: float
+    oom_kills: int
+    max_usage: Optional[int]
+    output: str
+
+
+class MemoryCgroup:
+    def __init__(self, limit_bytes: int) -> None:
+        found = memory_cgroup_path()
+        if found is None:
+            raise OSError("no memory cgroup")
+        self.version, parent = found
+        self.path = parent / f"nnresume-test-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+        try:
+            (self.path / ("memory.limit_in_bytes" if self.version == 1 else "memory.max")).write_text(str(limit_bytes))
+            if self.version == 1 and (self.path / "memory.memsw.limit_in_bytes").exists():
+                try:
+                    (self.path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+                except OSError:
+                    pass
+        except OSError:
+            self.remove()
+            raise
+
+    def oom_kills(self) -> int:
+        name, key = ("memory.oom_control", "oom_kill") if self.version == 1 else ("memory.events", "oom_kill")
+        try:
+            for line in (self.path / name).read_text().splitlines():
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+        except OSError:
+            pass
+        return 0
+
+    def max_usage(self) -> Optional[int]:
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        try:
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def run(self, cmd: list[str], env: dict[str, str], timeout: float = 900) -> CgroupRun:
+        before = self.oom_kills()
+        wrapped = ["sh", "-c", f'echo $$ > "{self.path / "cgroup.procs"}" && exec "$@"', "sh", *cmd]
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(wrapped, env=env, capture_output=True, text=True, timeout=timeout,
+                               start_new_session=True)
+            code, out = r.returncode, r.stdout + r.stderr
+        except subprocess.TimeoutExpired as e:
+            code, out = -1, f"timed out after {timeout} s: {e}"
+        wall = time.monotonic() - t0
+        self._wait_empty()
+        return CgroupRun(code, wall, self.oom_kills() - before, self.max_usage(), out)
+
+    def _wait_empty(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            procs = (self.path / "cgroup.procs").read_text().split()
+            if not procs:
+                return
+            if time.monotonic() > deadline - timeout / 2:
+                for pid in procs:
+                    try:
+                        os.kill(int(pid), 9)
+                    except (ProcessLookupError, ValueError):
+                        pass
+            time.sleep(0.1)
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def can_make_memory_cgroup() -> bool:
+    try:
+        MemoryCgroup(1 << 30).remove()
+        return True
+    except OSError:
+        return False
+
+
+def run_in_fresh_cgroup(limit: int, cmd: list[str], env: dict[str, str], timeout: float = 900) -> CgroupRun:
+    group = MemoryCgroup(limit)
+    try:
+        return group.run(cmd, env, timeout)
+    finally:
+        group.remove()
+

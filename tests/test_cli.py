@@ -90,8 +90,10 @@ def test_status_report_and_dry_run(raw_root: Path, tmp_path: Path) -> None:
     assert all(b > 0 for b in data["memory"]["tree_bytes"])
     attempts = ledger_query(ledger, "select case_name, stage from attempts where run_id=1 order by id")
     assert [(c["case"], c["stage"]) for c in data["cases"]] == attempts
-    assert {c["stage"] for c in data["cases"]} == {"fingerprint", "preprocess"}
-    assert all(c["duration_s"] > 0 and c["peak_rss_bytes"] > 0 for c in data["cases"])
+    assert {c["stage"] for c in data["cases"]} == {"fingerprint", "preprocess", "reader", "aggregate", "plan"}
+    per_case = [c for c in data["cases"] if c["stage"] in ("fingerprint", "preprocess")]
+    assert len(per_case) == 2 * SMALL.num_cases
+    assert all(c["duration_s"] > 0 and c["peak_rss_bytes"] > 0 for c in per_case)
 
     # dry run reasons: touched (content unknown until hashed), output missing, configuration changed
     img = raw / SMALL.folder_name / "imagesTr" / "small_0001_0000.nii.gz"

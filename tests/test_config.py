@@ -54,5 +54,6 @@ def test_spacing() -> None:
 
 def test_format_bytes() -> None:
     assert format_bytes(512) == "512 B"
-    assert format_bytes(3 * 2**30) == "3.0 GB"
+    assert format_bytes(3 * 2**30) == "3.0 GiB"
+    assert format_bytes(2400 * 2**20) == "2.3 GiB"
     assert format_bytes(None) == "?"

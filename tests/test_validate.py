@@ -94,7 +94,8 @@ def test_blobs_round_trip_exactly() -> None:
     obj = ((10, 20, 30), [1.0, 0.5, 0.5],
            [rng.normal(size=1000).astype(np.float32), np.round(rng.normal(size=500)).astype(np.float32), []],
            [{"mean": np.float64(1.5), "median": np.nan}], np.float64(0.83))
-    back = blobs.loads(blobs.dumps(obj))
+    data = blobs.dumps(obj, summary=[(1000, "float32")])
+    back = blobs.loads(data)
     assert back[0] == obj[0] and back[1] == obj[1] and back[4] == obj[4] and type(back[4]) is np.float64
     for a, b in zip(obj[2], back[2]):
         if isinstance(a, np.ndarray):
@@ -104,3 +105,9 @@ def test_blobs_round_trip_exactly() -> None:
     assert np.isnan(back[3][0]["median"])
     with pytest.raises(ValueError):
         blobs.loads(b"not a blob")
+
+
+def test_blob_summary_is_read_without_the_rest(tmp_path: Path) -> None:
+    p = tmp_path / "x.blob"
+    p.write_bytes(blobs.dumps(np.zeros(10_000_000, dtype=np.float32), summary={"n": 10_000_000}))
+    assert blobs.read_summary(str(p)) == {"n": 10_000_000}

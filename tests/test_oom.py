@@ -1,0 +1,57 @@
+"""A real out-of-memory situation. In a child memory cgroup whose limit nnU-Net's `-np 2` exceeds, the kernel OOM-kills
+one of nnU-Net's workers and its run fails; nnresume with `--max-ram` at the same limit completes, with no OOM kill, and
+its outputs equal nnU-Net's unconstrained ones. Skipped where memory cgroups cannot be created.
+
+The two cases are large (about 12 and 22 million voxels) so that two of them preprocessed at once, beside nnU-Net's
+own processes, need more than 2400 MiB, while one at a time fits.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnresume.compare import compare_folders
+from nnresume.demo import DemoSpec, make_dataset
+
+from .conftest import env_for, run_nnunet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from benchlib import can_make_memory_cgroup, run_in_fresh_cgroup  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.cgroup]
+
+OOM = DemoSpec(dataset_id=950, name="Oom", num_cases=2, min_shape=(96, 352, 352), max_shape=(192, 352, 352),
+               seed=1201)
+LIMIT_MIB = 2400
+
+
+@pytest.fixture(scope="module")
+def oom_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not can_make_memory_cgroup():
+        pytest.skip("cannot create a child memory cgroup here")
+    raw = tmp_path_factory.mktemp("oom-raw")
+    make_dataset(OOM, raw)
+    return raw
+
+
+def test_nnunet_is_oom_killed_and_nnresume_finishes_identically(oom_raw: Path, tmp_path: Path) -> None:
+    limit = LIMIT_MIB << 20
+    nn = run_in_fresh_cgroup(limit, ["nnUNetv2_plan_and_preprocess", "-d", str(OOM.dataset_id), "-npfp", "2",
+                                     "-np", "2", "--no_pbar"], env_for(oom_raw, tmp_path / "nnunet"), timeout=600)
+    assert nn.returncode != 0 and nn.oom_kills >= 1, (
+        f"nnU-Net was expected to be OOM-killed at {LIMIT_MIB} MiB (exit {nn.returncode}, "
+        f"{nn.oom_kills} OOM kills)\n{nn.output[-2000:]}")
+
+    ours = run_in_fresh_cgroup(limit, [sys.executable, "-m", "nnresume", "preprocess", "-d", str(OOM.dataset_id),
+                                       "-np", "2", "--max-ram", f"{LIMIT_MIB}M", "--no-pbar"],
+                               env_for(oom_raw, tmp_path / "ours"), timeout=900)
+    assert ours.returncode == 0, ours.output[-4000:]
+    assert ours.oom_kills == 0, f"nnresume was OOM-killed {ours.oom_kills} time(s)"
+
+    reference = tmp_path / "reference"
+    run_nnunet(oom_raw, reference, OOM.dataset_id, [])
+    ref = reference / OOM.folder_name
+    folders = sorted(p.name for p in ref.iterdir() if p.is_dir())
+    assert compare_folders(tmp_path / "ours" / OOM.folder_name, ref, folders, ["nnUNetPlans.json"]) == []
