@@ -52,6 +52,27 @@ def _is_number(token: str) -> bool:
         return False
 
 
+def _with_ledgers(datasets: tuple[str, ...], fn: Any) -> list[Any]:
+    """`fn(layout, ledger)` for each dataset's existing ledger; the ledger is closed whatever happens."""
+    from .dataset import layout_for
+    from .ledger.repository import Ledger
+
+    paths = Paths.from_environment()
+    out = []
+    for d in datasets:
+        layout = layout_for(d, paths.raw, paths.preprocessed)
+        ledger = Ledger.open(str(layout.ledger), create=False)
+        try:
+            out.append(fn(layout, ledger))
+        finally:
+            ledger.close()
+    return out
+
+
+def _echo_json(items: list[Any]) -> None:
+    click.echo(json.dumps(items[0] if len(items) == 1 else items, indent=2))
+
+
 def _fail(e: NnresumeError) -> None:
     click.echo(f"nnresume: {e.message}", err=True)
     if e.hint:
@@ -204,25 +225,15 @@ def _report(o: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(datasets: tuple[str, ...], as_json: bool) -> None:
     """What the ledger says: counts per stage and configuration, failures, peak RAM, the last run, progress."""
-    from .dataset import layout_for
-    from .ledger.repository import Ledger
     from .status import build_status, render_status
 
     try:
-        paths = Paths.from_environment()
-        reports = []
-        for d in datasets:
-            layout = layout_for(d, paths.raw, paths.preprocessed)
-            ledger = Ledger.open(str(layout.ledger), create=False)
-            try:
-                reports.append(build_status(layout, ledger))
-            finally:
-                ledger.close()
+        reports = _with_ledgers(datasets, build_status)
     except NnresumeError as e:
         _fail(e)
         return
     if as_json:
-        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        _echo_json(reports)
     else:
         click.echo("\n\n".join(render_status(r) for r in reports))
 
@@ -237,28 +248,20 @@ def verify(datasets: tuple[str, ...], full: bool, as_json: bool, no_pbar: bool) 
 
     Exit code 0 when everything matches, 3 when problems were found (and withdrawn from the ledger).
     """
-    from .dataset import layout_for
-    from .ledger.repository import Ledger
     from .lock import DatasetLock
     from .verify import render, verify as run_verify
 
-    reports = []
+    def one(layout: Any, ledger: Any) -> Any:
+        with DatasetLock(layout.lock, layout.name):  # verify withdraws rows: no run may write meanwhile
+            return run_verify(layout, ledger, full, progress=not no_pbar and not as_json)
+
     try:
-        paths = Paths.from_environment()
-        for d in datasets:
-            layout = layout_for(d, paths.raw, paths.preprocessed)
-            ledger = Ledger.open(str(layout.ledger), create=False)
-            try:
-                with DatasetLock(layout.lock, layout.name):  # verify withdraws rows: no run may write meanwhile
-                    reports.append(run_verify(layout, ledger, full, progress=not no_pbar and not as_json))
-            finally:
-                ledger.close()
+        reports = _with_ledgers(datasets, one)
     except NnresumeError as e:
         _fail(e)
         return
     if as_json:
-        data = [r.as_dict() for r in reports]
-        click.echo(json.dumps(data[0] if len(data) == 1 else data, indent=2))
+        _echo_json([r.as_dict() for r in reports])
     else:
         click.echo("\n\n".join(render(r) for r in reports))
     sys.exit(3 if any(r.problems for r in reports) else 0)
@@ -304,18 +307,11 @@ def report(dataset: str, run_id: Optional[int], out_dir: Optional[str]) -> None:
     """Draw a run: memory against the budget over time, each case's duration and peak memory (PNG and HTML)."""
     from pathlib import Path
 
-    from .dataset import layout_for
-    from .ledger.repository import Ledger
     from .report import write_report
 
     try:
-        paths = Paths.from_environment()
-        layout = layout_for(dataset, paths.raw, paths.preprocessed)
-        ledger = Ledger.open(str(layout.ledger), create=False)
-        try:
-            files = write_report(layout, ledger, Path(out_dir) if out_dir else layout.work / "reports", run_id)
-        finally:
-            ledger.close()
+        (files,) = _with_ledgers((dataset,), lambda layout, ledger: write_report(
+            layout, ledger, Path(out_dir) if out_dir else layout.work / "reports", run_id))
     except NnresumeError as e:
         _fail(e)
         return

@@ -48,6 +48,16 @@ class RunContext:
                       self.ledger.add_attempt, lambda s: self.ledger.add_memory_samples(self.run_id, s),
                       self.stop, self.settings.grace_seconds, progress=progress)
 
+    def run_stage(self, desc: str, scheduler: Any, handler: Any, skipped: int) -> Any:
+        """Runs a stage's queued tasks with a progress bar; returns the runner's StageStats."""
+        progress = self.progress(desc, len(scheduler), skipped)
+        runner = self.runner(scheduler.max_workers, progress)
+        try:
+            return runner.run(scheduler, handler)
+        finally:
+            progress.close()
+            self.peak_tree = max(self.peak_tree, runner.peak_tree)
+
     def run_one(self, task: Any) -> Any:
         """A dataset-level task in a worker (nnunetv2 is never imported by the orchestrator)."""
         runner = self.runner(1, None)

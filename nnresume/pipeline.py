@@ -103,7 +103,8 @@ def _check_halted(ctx: RunContext, stats: StageStats) -> None:
         raise DiskFullError(stats.halted)
 
 
-def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]) -> None:
+def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]) -> dict[str, CaseRecord]:
+    """The three stages; returns the ledger's cases as they are at the end."""
     s, layout, ledger = ctx.settings, ctx.layout, ctx.ledger
     records = ledger.load_cases()
     gone = [n for n in records if n not in cases]
@@ -126,14 +127,14 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
         log.info("Fingerprint: %d case(s) to analyse, %d up to date", len(fplan.work), fplan.up_to_date)
         stats = stage_fingerprint.run_fingerprints(ctx, fplan, records, dataset_json, reader)
         _check_halted(ctx, stats)
-    fingerprint_sha, _ = stage_fingerprint.aggregate(ctx, fplan, cases, dataset_json)
+        records = ledger.load_cases()
+    fingerprint_sha, _ = stage_fingerprint.aggregate(ctx, fplan, cases, dataset_json, records)
     if ctx.stop:
         raise Interrupted(ctx.stop.signal_name or "signal", ctx.stop.exit_code)
 
     plans_path, plans = _plan(ctx, fingerprint_sha, dataset_json, cases)
     scope = stage_preprocess.configurations_in_scope(ctx, plans, dataset_json)
     ledger.set_configurations(scope)
-    records = ledger.load_cases()
     pplan = stage_preprocess.plan_outputs(ctx, cases, records, plans, scope)
     if pplan.blocked:
         rows = [(n, c.data_identifier, c.configuration) for n in pplan.blocked for c in scope]
@@ -147,7 +148,10 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
         log.info("Preprocess (%s): %d case(s) to do, %d up to date", names, len(pplan.work), pplan.up_to_date)
         stats = stage_preprocess.run_outputs(ctx, pplan, records, plans, dataset_json)
         _check_halted(ctx, stats)
-    stage_preprocess.sweep_unvouched(ctx, scope, dataset_json["file_ending"])
+    if pplan.work or pplan.blocked:
+        records = ledger.load_cases()
+    stage_preprocess.sweep_unvouched(ctx, scope, dataset_json["file_ending"], records)
+    return records
 
 
 def _plan(ctx: RunContext, fingerprint_sha: str, dataset_json: dict[str, Any],
@@ -159,9 +163,10 @@ def _plan(ctx: RunContext, fingerprint_sha: str, dataset_json: dict[str, Any],
     return stage_plan.plan(ctx, fingerprint_sha, reader)
 
 
-def failure_lines(ledger: Ledger, scope_idents: Optional[set[str]] = None, limit: int = 20) -> list[str]:
+def failure_lines(records: dict[str, CaseRecord], scope_idents: Optional[set[str]] = None,
+                  limit: int = 20) -> list[str]:
     lines = []
-    for rec in ledger.load_cases().values():
+    for rec in records.values():
         fp = rec.fingerprint
         if fp is not None and fp.state in (TaskState.failed, TaskState.quarantined):
             lines.append(f"[fingerprint {fp.state.value}] {fp.error}")
@@ -220,7 +225,7 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
         if reset:
             log.info("%d task(s) left running by the interrupted run will be redone", reset)
         try:
-            _stages(ctx, dataset_json, cases)
+            records = _stages(ctx, dataset_json, cases)
         except Interrupted as e:
             outcome.status, outcome.exit_code, outcome.reason = RunStatus.interrupted, e.exit_code, str(e.message)
         except OSError as e:
@@ -235,7 +240,7 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
             raise
         else:
             scope = {c.data_identifier for c in ledger.configurations()}
-            outcome.failures = failure_lines(ledger, scope)
+            outcome.failures = failure_lines(records, scope)
             if outcome.failures:
                 outcome.status, outcome.exit_code = RunStatus.completed_with_failures, EXIT_CASES_FAILED
                 outcome.reason = f"{len(outcome.failures)} case(s) failed"

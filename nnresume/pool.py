@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing import forkserver
@@ -85,6 +86,10 @@ class LocalPool:
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(PRELOAD)
         self._workers: dict[str, _Worker] = {}
+        main = sys.modules.get("__main__")
+        if getattr(main, "__spec__", None) is None and getattr(main, "__file__", None):
+            # run as a script: see forkserver_preload.py for why workers must know its path
+            os.environ["NNRESUME_PARENT_MAIN"] = os.path.normpath(main.__file__)  # type: ignore[union-attr]
 
     def warm_up(self) -> None:
         """Starts the forkserver now; it imports nnunetv2 in the background until the first task needs it."""

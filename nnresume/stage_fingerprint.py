@@ -130,9 +130,9 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
 class FingerprintHandler:
     stage = "fingerprint"
 
-    def __init__(self, ctx: RunContext, plan: FingerprintPlan, reader_writer: str, dataset_json: dict[str, Any],
-                 progress: Any) -> None:
-        self.ctx, self.plan, self.reader, self.dataset_json, self.progress = ctx, plan, reader_writer, dataset_json, progress
+    def __init__(self, ctx: RunContext, plan: FingerprintPlan, reader_writer: str, dataset_json: dict[str, Any]
+                 ) -> None:
+        self.ctx, self.plan, self.reader, self.dataset_json = ctx, plan, reader_writer, dataset_json
 
     def build(self, item: QueueItem, attempt: int) -> FingerprintTask:
         w: FingerprintWork = item.spec
@@ -169,7 +169,6 @@ class FingerprintHandler:
 
 def run_fingerprints(ctx: RunContext, plan: FingerprintPlan, records: dict[str, CaseRecord],
                      dataset_json: dict[str, Any], reader_writer: str) -> Any:
-    progress = ctx.progress("Fingerprint", len(plan.work), plan.up_to_date)
     scheduler = Scheduler(ctx.settings.num_workers_fingerprint or ctx.workers)
     for w in plan.work:
         rec = records.get(w.case)
@@ -177,23 +176,16 @@ def run_fingerprints(ctx: RunContext, plan: FingerprintPlan, records: dict[str, 
         units = {"fingerprint": voxels_of_header(header, len(w.files.images), w.files)}
         deaths = rec.fingerprint.deaths if rec and rec.fingerprint else 0
         scheduler.add(w, ctx.estimator.estimate(units), units, deaths=deaths)
-    handler = FingerprintHandler(ctx, plan, reader_writer, dataset_json, progress)
-    runner = ctx.runner(scheduler.max_workers, progress)
-    try:
-        stats = runner.run(scheduler, handler)
-    finally:
-        progress.close()
-        ctx.peak_tree = max(ctx.peak_tree, runner.peak_tree)
-    return stats
+    return ctx.run_stage("Fingerprint", scheduler, FingerprintHandler(ctx, plan, reader_writer, dataset_json),
+                         plan.up_to_date)
 
 
-def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles],
-              dataset_json: dict[str, Any]) -> tuple[str, list[str]]:
+def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles], dataset_json: dict[str, Any],
+              records: dict[str, CaseRecord]) -> tuple[str, list[str]]:
     """Writes dataset_fingerprint.json from every case whose fingerprint is done, in nnU-Net's case order.
 
     Returns the file's checksum and the cases left out (their fingerprint failed or is quarantined).
     """
-    records = ctx.ledger.load_cases()
     good, left_out = [], []
     for name in cases:
         fp = records[name].fingerprint if name in records else None

@@ -189,7 +189,6 @@ def run_outputs(ctx: RunContext, plan: PreprocessPlan, records: dict[str, CaseRe
     confs = {c.data_identifier: c for c in plan.configurations}
     rows = [(w.case, t.data_identifier, t.configuration) for w in plan.work for t in w.targets]
     ctx.ledger.ensure_outputs(rows)
-    progress = ctx.progress("Preprocess", len(plan.work), plan.up_to_date)
     scheduler = Scheduler(ctx.workers)
     for w in plan.work:
         rec = records[w.case]
@@ -200,20 +199,15 @@ def run_outputs(ctx: RunContext, plan: PreprocessPlan, records: dict[str, CaseRe
         deaths = max((rec.outputs[t.data_identifier].deaths for t in w.targets if t.data_identifier in rec.outputs),
                      default=0)
         scheduler.add(w, ctx.estimator.estimate(units), units, deaths=deaths)
-    handler = PreprocessHandler(ctx, plan, records, plans, dataset_json)
-    runner = ctx.runner(ctx.workers, progress)
-    try:
-        stats = runner.run(scheduler, handler)
-    finally:
-        progress.close()
-        ctx.peak_tree = max(ctx.peak_tree, runner.peak_tree)
-    return stats
+    return ctx.run_stage("Preprocess", scheduler, PreprocessHandler(ctx, plan, records, plans, dataset_json),
+                         plan.up_to_date)
 
 
-def sweep_unvouched(ctx: RunContext, scope: list[ConfigurationRecord], file_ending: str) -> int:
+def sweep_unvouched(ctx: RunContext, scope: list[ConfigurationRecord], file_ending: str,
+                    records: dict[str, CaseRecord]) -> int:
     """Removes files in the data folders in scope that no done ledger row vouches for. Returns how many."""
     vouched: dict[str, set[str]] = {c.data_identifier: set() for c in scope}
-    for rec in ctx.ledger.load_cases().values():
+    for rec in records.values():
         for ident, out in rec.outputs.items():
             if ident in vouched and out.state == TaskState.done:
                 vouched[ident].update(f["name"] for f in out.files or [])

@@ -38,7 +38,7 @@ class Measured:
     samples: list[tuple[float, int]] = field(default_factory=list)  # (t, sum RSS)
 
 
-def _session(sid: int) -> list[psutil.Process]:
+def session_processes(sid: int) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter():
         try:
@@ -83,7 +83,7 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float = 7200,
         if time.monotonic() - t0 > timeout:
             os.killpg(proc.pid, 9)
             break
-        procs = _session(proc.pid)
+        procs = session_processes(proc.pid)
         rss = 0
         for p in procs:
             try:

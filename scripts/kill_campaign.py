@@ -34,6 +34,9 @@ from typing import Any, Optional
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import session_processes  # noqa: E402
+
 from nnresume.compare import compare_folders
 from nnresume.demo import DemoSpec, make_dataset
 
@@ -51,18 +54,7 @@ def _start(raw: Path, pp: Path, args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _session_processes(sid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return out
-
-
-def _workers(orchestrator: int) -> list[psutil.Process]:
+def workers_of(orchestrator: int) -> list[psutil.Process]:
     try:
         children = psutil.Process(orchestrator).children()
     except psutil.NoSuchProcess:
@@ -173,7 +165,7 @@ def run_campaign(kills: int, workdir: Path, seed: int, workers: int, cases: int,
                 if mode == "worker":  # workers live only while a case runs: wait a little for one
                     wait_until = time.monotonic() + 3
                     while not victims and proc.poll() is None and time.monotonic() < wait_until:
-                        victims = _workers(proc.pid)
+                        victims = workers_of(proc.pid)
                         time.sleep(0.01)
                     if proc.poll() is not None:
                         break
@@ -196,9 +188,9 @@ def run_campaign(kills: int, workdir: Path, seed: int, workers: int, cases: int,
                 proc.wait()  # the last episode runs to its end
             proc.wait()
             deadline = time.monotonic() + 15
-            while _session_processes(proc.pid) and time.monotonic() < deadline:
+            while session_processes(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            leftovers = _session_processes(proc.pid)
+            leftovers = session_processes(proc.pid)
             if leftovers:
                 result["orphaned_processes"] += len(leftovers)
                 for p in leftovers:

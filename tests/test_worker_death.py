@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -14,6 +15,9 @@ import pytest
 from nnresume.compare import compare_folders
 
 from .conftest import (BIG, BIG_ARGS, SMALL, References, ledger_query, run_nnresume, start_nnresume, wait_for)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from kill_campaign import workers_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -74,26 +78,14 @@ def test_three_deaths_quarantine_the_case_and_the_run_goes_on(raw_root: Path, re
     assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
 
 
-def _workers(orchestrator: int) -> list[psutil.Process]:
-    """Processes forked by the forkserver (which is a child of the orchestrator)."""
-    out = []
-    for child in psutil.Process(orchestrator).children():
-        try:
-            if "forkserver" in " ".join(child.cmdline()):
-                out += child.children()
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def test_worker_killed_from_outside_mid_case(raw_root: Path, references: References, tmp_path: Path) -> None:
     pp = tmp_path / "pp"
     ledger = pp / BIG.folder_name / "nnresume.sqlite"
     proc = start_nnresume(raw_root, pp, "preprocess", "-d", str(BIG.dataset_id), "-np", "2", "--no-pbar", *BIG_ARGS)
     wait_for(lambda: ledger.exists() and ledger_query(
         ledger, "select count(*) from outputs where state='running' and data_identifier like 'nnUNetPlans_%'"
-    )[0][0] > 0 and _workers(proc.pid), timeout=300, proc=proc)
-    victim = _workers(proc.pid)[0]
+    )[0][0] > 0 and workers_of(proc.pid), timeout=300, proc=proc)
+    victim = workers_of(proc.pid)[0]
     os.kill(victim.pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out

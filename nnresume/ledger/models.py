@@ -37,6 +37,20 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, int: BigInteger}
 
 
+class TaskColumns:
+    """What fingerprints and outputs both record about the work that makes them."""
+
+    state: Mapped[TaskState] = mapped_column(_enum(TaskState))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    deaths: Mapped[int] = mapped_column(Integer, default=0)
+    duration_s: Mapped[Optional[float]] = mapped_column(Float)
+    peak_rss: Mapped[Optional[int]]
+    estimate_bytes: Mapped[Optional[int]]
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 class Run(Base):
     """One invocation of `nnresume preprocess` on one dataset."""
 
@@ -97,13 +111,12 @@ class InputFile(Base):
     case: Mapped[Case] = relationship(back_populates="files")
 
 
-class Fingerprint(Base):
-    """A case's result from the fingerprint extractor's `analyze_case`, kept as a pickle beside the ledger."""
+class Fingerprint(TaskColumns, Base):
+    """A case's result from the fingerprint extractor's `analyze_case`, stored beside the ledger (blobs.py)."""
 
     __tablename__ = "fingerprints"
 
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True)
-    state: Mapped[TaskState] = mapped_column(_enum(TaskState))
     key: Mapped[Optional[str]] = mapped_column(String(64))
     # what the last attempt was made from (extractor key and file stats): a quarantined case is tried again only
     # when this changes, even if it never produced a result
@@ -114,19 +127,11 @@ class Fingerprint(Base):
     result_sha256: Mapped[Optional[str]] = mapped_column(String(64))
     shape_after_crop: Mapped[Optional[list[Any]]]
     spacing: Mapped[Optional[list[Any]]]
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    deaths: Mapped[int] = mapped_column(Integer, default=0)
-    duration_s: Mapped[Optional[float]] = mapped_column(Float)
-    peak_rss: Mapped[Optional[int]]
-    estimate_bytes: Mapped[Optional[int]]
-    error: Mapped[Optional[str]] = mapped_column(Text)
-    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
-    updated_at: Mapped[float] = mapped_column(Float)
 
     case: Mapped[Case] = relationship(back_populates="fingerprint")
 
 
-class Output(Base):
+class Output(TaskColumns, Base):
     """A case's preprocessed files in one data folder (a configuration's `data_identifier`, or gt_segmentations)."""
 
     __tablename__ = "outputs"
@@ -139,18 +144,9 @@ class Output(Base):
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"))
     data_identifier: Mapped[str] = mapped_column(String(255))
     configuration: Mapped[str] = mapped_column(String(255))
-    state: Mapped[TaskState] = mapped_column(_enum(TaskState))
     config_hash: Mapped[Optional[str]] = mapped_column(String(64))
     input_digest: Mapped[Optional[str]] = mapped_column(String(64))
     files: Mapped[Optional[list[Any]]]  # [{"name", "size", "sha256"}]
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    deaths: Mapped[int] = mapped_column(Integer, default=0)
-    duration_s: Mapped[Optional[float]] = mapped_column(Float)
-    peak_rss: Mapped[Optional[int]]
-    estimate_bytes: Mapped[Optional[int]]
-    error: Mapped[Optional[str]] = mapped_column(Text)
-    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
-    updated_at: Mapped[float] = mapped_column(Float)
 
     case: Mapped[Case] = relationship(back_populates="outputs")
 

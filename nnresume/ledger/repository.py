@@ -226,19 +226,36 @@ class Ledger:
     # ---- cases ------------------------------------------------------------------------------------------------
 
     def load_cases(self) -> dict[str, CaseRecord]:
-        """Every case with its files, fingerprint and outputs, in three queries."""
+        """Every case with its files, fingerprint and outputs: four plain SELECTs, no ORM objects (a rerun of
+        thousands of cases reads this once; building ORM instances for it cost ~0.3 s per thousand cases)."""
+        fp_cols = [getattr(Fingerprint, f) for f in ("case_id", "state", "key", "input_digest", "result_file",
+                                                     "result_size", "result_sha256", "shape_after_crop", "spacing",
+                                                     "attempts", "deaths", "duration_s", "peak_rss",
+                                                     "estimate_bytes", "error", "attempt_key")]
+        out_cols = [getattr(Output, f) for f in ("case_id", "data_identifier", "configuration", "state",
+                                                 "config_hash", "input_digest", "files", "attempts", "deaths",
+                                                 "duration_s", "peak_rss", "estimate_bytes", "error", "updated_at")]
         with self._session() as s:
-            cases = s.scalars(select(Case).options(selectinload(Case.files), selectinload(Case.fingerprint),
-                                                   selectinload(Case.outputs))).all()
-            out = {}
-            for c in cases:
-                self._case_ids[c.name] = c.id
-                out[c.name] = CaseRecord(
-                    name=c.name, input_digest=c.input_digest, header=c.header,
-                    files=[FileRecord(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in c.files],
-                    fingerprint=_fingerprint(c.fingerprint) if c.fingerprint else None,
-                    outputs={o.data_identifier: _output(c.name, o) for o in c.outputs})
-            return out
+            by_id: dict[int, CaseRecord] = {}
+            for case_id, name, digest, header in s.execute(select(Case.id, Case.name, Case.input_digest,
+                                                                  Case.header)):
+                by_id[case_id] = CaseRecord(name=name, input_digest=digest, header=header)
+                self._case_ids[name] = case_id
+            for case_id, role, channel, path, size, mtime, digest in s.execute(
+                    select(InputFile.case_id, InputFile.role, InputFile.channel, InputFile.path, InputFile.size,
+                           InputFile.mtime_ns, InputFile.digest).order_by(InputFile.id)):
+                by_id[case_id].files.append(FileRecord(role, channel, path, size, mtime, digest))
+            for row in s.execute(select(*fp_cols)):
+                (case_id, state, key, digest, rfile, rsize, rsha, shape, spacing, attempts, deaths, duration, peak,
+                 estimate, error, attempt_key) = row
+                by_id[case_id].fingerprint = FingerprintRecord(state, key, digest, rfile, rsize, rsha, shape, spacing,
+                                                               attempts, deaths, duration, peak, estimate, error,
+                                                               attempt_key)
+            for row in s.execute(select(*out_cols)):
+                case_id = row[0]
+                name = by_id[case_id].name
+                by_id[case_id].outputs[row[1]] = OutputRecord(name, *row[1:])
+            return {r.name: r for r in by_id.values()}
 
     def remove_cases(self, names: Iterable[str]) -> None:
         names = list(names)
