@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 from . import crashpoints
 
@@ -74,16 +73,6 @@ def staged_path(staging_dir: str | os.PathLike, final: str | os.PathLike, crash_
         raise
 
 
-def write_json(obj: Any, final: str | os.PathLike, staging_dir: str | os.PathLike,
-               dump: Callable[[Any, str], None] | None = None, crash_point: str | None = None) -> None:
-    """Writes JSON atomically. `dump(obj, path)` lets callers keep another writer's exact formatting."""
-    with staged_path(staging_dir, final, crash_point) as tmp:
-        if dump is not None:
-            dump(obj, tmp)
-        else:
-            with open(tmp, "w") as f:
-                json.dump(obj, f, indent=4)
-
 
 def copy_file(src: str | os.PathLike, final: str | os.PathLike, staging_dir: str | os.PathLike) -> None:
     """Copies content and modification time (as `shutil.copy2`), atomically."""
@@ -91,5 +80,3 @@ def copy_file(src: str | os.PathLike, final: str | os.PathLike, staging_dir: str
         shutil.copy2(src, tmp)
 
 
-def remove_tree(path: str | os.PathLike) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -13,14 +13,13 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from . import validate
-from .dataset import CaseFiles, DatasetLayout, list_cases, load_dataset_json, num_channels, read_header
+from .dataset import CaseFiles, DatasetLayout, list_cases, load_dataset_json, read_header
 from .errors import CaseError, NnresumeError
 
 

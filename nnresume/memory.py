@@ -47,6 +47,9 @@ class Thresholds:
     critical_free: float = 0.5  # free memory below this fraction of the reserve: stop the newest case
 
 
+DEFAULT_THRESHOLDS = Thresholds()
+
+
 def default_budget(available: int) -> int:
     """Without --max-ram: what is available now, minus a reserve of 10% (at least 1 GiB, at most 4 GiB)."""
     reserve = min(4 * GIB, max(GIB, available // 10))
@@ -202,7 +205,7 @@ class Decision:
 
 
 def decide(readings: Readings, running: list[RunningCase], waiting: list[Waiting], budget: int, max_workers: int,
-           thresholds: Thresholds = Thresholds(), stops_pending: int = 0) -> Decision:
+           thresholds: Thresholds = DEFAULT_THRESHOLDS, stops_pending: int = 0) -> Decision:
     """What to start and what to stop now. `waiting` is in priority order (see scheduler.py)."""
     d = Decision()
     if stops_pending:

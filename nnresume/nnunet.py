@@ -13,7 +13,6 @@ import contextlib
 import io
 import logging
 import os
-import pickle
 from copy import deepcopy
 from pathlib import Path
 from types import MethodType
@@ -24,7 +23,6 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 
 import nnunetv2
 import nnunetv2.paths
-from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
                                                      recursive_find_reader_writer_by_name)
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
@@ -315,6 +313,3 @@ def data_identifier(plans: dict[str, Any], configuration: str) -> str:
     return PlansManager(plans).get_configuration(configuration).data_identifier
 
 
-def load_pickle(path: str) -> Any:
-    with open(path, "rb") as f:
-        return pickle.load(f)

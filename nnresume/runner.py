@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Protocol
 from .config import format_bytes
 from .ledger.models import TaskState
 from .ledger.repository import AttemptRecord, MemorySampleRecord
-from .memory import Estimator, Readings, RunningCase, Thresholds, TreeSampler, decide
+from .memory import DEFAULT_THRESHOLDS, Estimator, Readings, RunningCase, Thresholds, TreeSampler, decide
 from .pool import Ended, LocalPool, Received, describe_signal
 from .scheduler import QueueItem, Scheduler
 from .errors import DatasetError, Interrupted, NnresumeError
@@ -84,7 +84,7 @@ class Runner:
     def __init__(self, pool: LocalPool, budget: int, max_workers: int, estimator: Estimator, run_id: int,
                  record_attempt: Callable[[AttemptRecord], None],
                  record_samples: Callable[[list[MemorySampleRecord]], None],
-                 stop: StopFlag, grace_seconds: float, thresholds: Thresholds = Thresholds(),
+                 stop: StopFlag, grace_seconds: float, thresholds: Thresholds = DEFAULT_THRESHOLDS,
                  sampler: Optional[TreeSampler] = None, progress: Any = None) -> None:
         self.pool, self.budget, self.max_workers, self.estimator = pool, budget, max_workers, estimator
         self.run_id, self.record_attempt, self.record_samples = run_id, record_attempt, record_samples
@@ -282,6 +282,8 @@ class Runner:
         if death is None and r.failure is None:
             stats.done += 1
             self._record(r, "ok", None, None)
+            if self.progress is not None:
+                self.progress.case_done()
             return
         if death is None and r.failure is not None:
             f = r.failure
@@ -290,6 +292,8 @@ class Runner:
                 return
             handler.ended_badly(item, TaskState.failed, f.message, died=False, peak=r.peak_rss)
             stats.failed += 1
+            if self.progress is not None:
+                self.progress.case_failed()
             stats.messages.append(f.message)
             self._record(r, "error", None, f.message)
             log.error("%s", f.message)
@@ -333,5 +337,7 @@ class Runner:
             message = f"case {item.case}: quarantined after {item.deaths} worker deaths; last: worker {detail}"
             handler.ended_badly(item, TaskState.quarantined, message, died=True, peak=r.peak_rss)
             stats.quarantined += 1
+            if self.progress is not None:
+                self.progress.case_failed()
             stats.messages.append(message)
             log.error("%s", message)

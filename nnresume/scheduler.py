@@ -113,15 +113,9 @@ class Scheduler:
             item.max_concurrency = 1
         self._requeue(item)
 
-    def requeue(self, item: QueueItem) -> None:
-        self._requeue(item)
 
     def _requeue(self, item: QueueItem) -> None:
         item.bypassed = 0
         item.blocking = item.max_concurrency == 1 or item.blocking
         self._queue[item.task_id] = item
 
-    def drain(self) -> list[QueueItem]:
-        items = list(self._queue.values())
-        self._queue.clear()
-        return items

@@ -115,9 +115,6 @@ def _progress(ledger: Ledger, run_id: int, started_at: float, stages: dict[str, 
             "elapsed_s": now - started_at, "eta_s": eta}
 
 
-def _fmt_counts(counts: dict[str, int]) -> str:
-    return "  ".join(f"{k} {v}" for k, v in counts.items() if v or k == "done")
-
 
 def render_status(s: dict[str, Any]) -> str:
     lines = [f"{s['dataset']}  ({s['cases']} cases; ledger {s['ledger']})", ""]

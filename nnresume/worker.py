@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import errno
-import hashlib
 import os
 import shutil
 import signal

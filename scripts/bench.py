@@ -28,7 +28,7 @@ from typing import Any, Optional
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Measured, fresh, interpreter_startup, run_measured  # noqa: E402
+from benchlib import fresh, interpreter_startup, run_measured  # noqa: E402
 
 from nnresume.compare import compare_folders  # noqa: E402
 from nnresume.demo import DemoSpec, make_dataset  # noqa: E402

@@ -64,7 +64,11 @@ def test_status_report_and_dry_run(raw_root: Path, tmp_path: Path) -> None:
     assert f"fingerprint: {SMALL.num_cases} to analyse" in dry and "new case" in dry
     assert not (pp / SMALL.folder_name / "nnresume.sqlite").exists(), "a dry run must not create the ledger"
 
-    run_nnresume(raw, pp, "preprocess", "-d", did, "-np", "2", "--no-pbar")
+    r = run_nnresume(raw, pp, "preprocess", "-d", did, "-np", "2")  # with progress bars
+    bars = r.stderr.replace("\r", "\n")
+    for stage in ("Fingerprint", "Preprocess"):
+        assert re.search(rf"{stage}: 100%.*{SMALL.num_cases}/{SMALL.num_cases}.*done={SMALL.num_cases} failed=0 "
+                         r"skipped=0 RAM [\d.]+ [KMG]iB/[\d.]+ GiB", bars), f"no finished {stage} bar"
     dataset = pp / SMALL.folder_name
     status = json.loads(run_nnresume(raw, pp, "status", "-d", did, "--json").stdout)
     assert status["cases"] == SMALL.num_cases and status["failures"] == []

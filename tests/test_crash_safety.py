@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -108,6 +107,13 @@ def test_second_run_refuses_while_one_runs_and_a_dead_runs_lock_is_taken_over(ra
     first = start_nnresume(raw_root, pp, "preprocess", "-d", str(BIG.dataset_id), "-np", "1", "--no-pbar", *BIG_ARGS)
     wait_for(lambda: (dataset / "nnresume.sqlite").exists() and ledger_query(
         dataset / "nnresume.sqlite", "select count(*) from runs")[0][0] > 0, timeout=120, proc=first)
+    # status from another shell while it runs
+    wait_for(lambda: ledger_query(dataset / "nnresume.sqlite", "select count(*) from attempts where outcome='ok' "
+                                                               "and stage='fingerprint'")[0][0] > 0,
+             timeout=120, proc=first)
+    live = json.loads(run_nnresume(raw_root, pp, "status", "-d", str(BIG.dataset_id), "--json").stdout)
+    assert live["last_run"]["state"] == "running" and live["last_run"]["ended_at"] is None
+    assert live["progress"]["remaining_cases"] > 0 and live["progress"]["eta_s"] is not None
     second = run_nnresume(raw_root, pp, "preprocess", "-d", str(BIG.dataset_id), "--no-pbar", *BIG_ARGS, expect=1)
     assert f"PID {first.pid}" in second.stderr and "host" in second.stderr and "since" in second.stderr
     os.kill(first.pid, signal.SIGKILL)

@@ -9,7 +9,7 @@ import pytest
 from nnresume import dataset
 from nnresume.errors import DatasetError
 
-from .conftest import BIG, BIG_ARGS, SMALL, References
+from .conftest import BIG, BIG_ARGS, References
 
 
 def _touch(path: Path) -> None:

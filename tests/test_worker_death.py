@@ -9,7 +9,6 @@ import signal
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from nnresume.compare import compare_folders

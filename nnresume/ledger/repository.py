@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from sqlalchemy import Engine, delete, func, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from .. import crashpoints
 from . import engine as engine_mod
@@ -140,15 +140,6 @@ class MemorySampleRecord:
     running: int
 
 
-def _fingerprint(fp: Fingerprint) -> FingerprintRecord:
-    return FingerprintRecord(fp.state, fp.key, fp.input_digest, fp.result_file, fp.result_size, fp.result_sha256,
-                             fp.shape_after_crop, fp.spacing, fp.attempts, fp.deaths, fp.duration_s, fp.peak_rss,
-                             fp.estimate_bytes, fp.error, fp.attempt_key)
-
-
-def _output(case: str, o: Output) -> OutputRecord:
-    return OutputRecord(case, o.data_identifier, o.configuration, o.state, o.config_hash, o.input_digest, o.files,
-                        o.attempts, o.deaths, o.duration_s, o.peak_rss, o.estimate_bytes, o.error, o.updated_at)
 
 
 def _run(r: Run) -> RunRecord:
@@ -272,10 +263,6 @@ class Ledger:
                 case_id = self._case_id(s, name)
                 s.execute(update(Case).where(Case.id == case_id).values(header=header))
 
-    def refresh_input_stats(self, name: str, files: list[FileRecord]) -> None:
-        """Records new size/mtime for files whose content hashed to what the ledger already had (a `touch`)."""
-        with self._session() as s, s.begin():
-            self._write_files(s, self._case_id(s, name), files)
 
     @staticmethod
     def _write_files(s: Session, case_id: int, files: list[FileRecord]) -> None:
@@ -335,14 +322,6 @@ class Ledger:
             if peak_rss is not None:
                 fp.peak_rss = peak_rss
 
-    def reset_fingerprint_deaths(self, names: Iterable[str]) -> None:
-        names = list(names)
-        with self._session() as s, s.begin():
-            for name in names:
-                fp = self._fingerprint_row(s, name)
-                fp.deaths = 0
-
-    # ---- preprocessing stage ----------------------------------------------------------------------------------
 
     def _output_row(self, s: Session, name: str, data_identifier: str, configuration: str) -> Output:
         case_id = self._case_id(s, name)
@@ -404,18 +383,6 @@ class Ledger:
                 s.execute(update(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier)
                           .values(state=TaskState.pending, error=reason, updated_at=time.time()))
 
-    def reset_output_deaths(self, keys: Iterable[tuple[str, str]]) -> None:
-        with self._session() as s, s.begin():
-            for name, data_identifier in keys:
-                case_id = self._case_id(s, name)
-                s.execute(update(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier)
-                          .values(deaths=0))
-
-    def remove_outputs(self, keys: Iterable[tuple[str, str]]) -> None:
-        with self._session() as s, s.begin():
-            for name, data_identifier in keys:
-                case_id = self._case_id(s, name)
-                s.execute(delete(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier))
 
     def reset_running(self) -> int:
         """Rows left `running` by a run that died go back to pending. Returns how many."""
@@ -460,11 +427,6 @@ class Ledger:
                 s.add(a)
             a.key, a.size, a.sha256, a.run_id, a.details, a.updated_at = key, size, sha256, run_id, details, time.time()
 
-    def remove_artifact(self, name: str) -> None:
-        with self._session() as s, s.begin():
-            s.execute(delete(Artifact).where(Artifact.name == name))
-
-    # ---- records for status and reports -----------------------------------------------------------------------
 
     def add_attempt(self, a: AttemptRecord) -> None:
         with self._session() as s, s.begin():
