@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 TICK = 0.2
 
 
+class _Died(Exception):
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+
 class StopFlag:
     """Set by signal handlers (which do nothing else); read by the loop."""
 
@@ -125,11 +131,25 @@ class Runner:
 
     # ---- one dataset-level task ----------------------------------------------------------------------------------
 
-    def run_one(self, task: Any) -> DatasetResult:
+    def run_one(self, task: Any, max_deaths: int = 3) -> DatasetResult:
         """Runs a dataset-level task (reader, aggregation, plan) in a worker, alone, sampled like a case.
 
-        Its failure stops the run with its message; a signal stops it after the grace period.
+        A worker that dies is replaced, as a case's would be, up to `max_deaths` deaths. An error the task reports
+        stops the run with its message; a signal stops it after the grace period.
         """
+        for death_count in range(1, max_deaths + 1):
+            try:
+                return self._run_one_attempt(task)
+            except _Died as died:
+                if death_count == max_deaths:
+                    raise NnresumeError(f"the {task.stage} step's worker died {max_deaths} times; the last "
+                                        f"{died.description}", "check the machine's memory (`dmesg`), then run the "
+                                        "same command again; finished cases are kept") from None
+                log.warning("the %s step's worker %s; retrying (death %d of %d)", task.stage, died.description,
+                            death_count, max_deaths)
+        raise AssertionError("unreachable")
+
+    def _run_one_attempt(self, task: Any) -> DatasetResult:
         self.pool.submit(task)
         wall = time.time()
         result: Optional[DatasetResult] = None
@@ -167,9 +187,9 @@ class Runner:
         if death is not None:
             how = (f"was killed by {describe_signal(death.signal)}" if death.signal
                    else f"exited with code {death.exit_code}")
-            likely = " (likely out of memory)" if death.signal == 9 else ""
-            raise NnresumeError(f"the {task.stage} step's worker {how}{likely} at {format_bytes(peak or None)}",
-                                "run the same command again; finished cases are kept")
+            likely = " (likely the out-of-memory killer)" if death.signal == 9 else ""
+            seen = f" at {format_bytes(peak)} private memory" if peak else ""
+            raise _Died(f"{how}{likely}{seen}")
         assert result is not None
         return result
 

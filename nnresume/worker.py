@@ -202,7 +202,9 @@ def _disk_full(path: str) -> bool:
 
 def _staged(path: str) -> StagedFile:
     atomic_io.fsync_file(path)
-    return StagedFile(os.path.basename(path), path, os.path.getsize(path), atomic_io.file_digest(path))
+    staged = StagedFile(os.path.basename(path), path, os.path.getsize(path), atomic_io.file_digest(path))
+    crashpoints.reached("staged")
+    return staged
 
 
 def run_aggregate(task: AggregateTask, send: Callable[[Any], None]) -> None:

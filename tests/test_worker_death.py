@@ -55,6 +55,15 @@ def test_worker_death_is_retried(point: str, how: str, expected: str, raw_root: 
     assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
 
 
+def test_a_dataset_step_whose_worker_dies_is_retried(raw_root: Path, references: References, tmp_path: Path) -> None:
+    pp = tmp_path / "pp"
+    # the aggregation worker stages dataset_fingerprint.json, then dies before reporting
+    r = run_nnresume(raw_root, pp, *ARGS, NNRESUME_CRASH_AT="staged", NNRESUME_CRASH_CASE="(dataset)",
+                     NNRESUME_CRASH_ONCE=str(tmp_path / "once"))
+    assert "aggregate step's worker was killed by SIGKILL" in r.stderr and "retrying" in r.stderr
+    assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
+
+
 def test_three_deaths_quarantine_the_case_and_the_run_goes_on(raw_root: Path, references: References,
                                                               tmp_path: Path) -> None:
     pp = tmp_path / "pp"
