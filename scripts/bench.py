@@ -50,7 +50,10 @@ def _q(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
 
 
 def parallel_efficiency(db: Path, run_id: int, wall: float, workers: int) -> float:
-    busy = _q(db, "select coalesce(sum(ended_at - started_at), 0) from attempts where run_id=?", (run_id,))[0][0]
+    """Sum of per-case times (fingerprint and preprocess attempts; not the dataset-wide reader, aggregation and
+    planning steps, during which the other workers wait) over wall time x workers."""
+    busy = _q(db, "select coalesce(sum(ended_at - started_at), 0) from attempts where run_id=? and stage in "
+                  "('fingerprint', 'preprocess')", (run_id,))[0][0]
     return busy / (wall * workers)
 
 
