@@ -187,7 +187,7 @@ class Runner:
         if death is not None:
             how = (f"was killed by {describe_signal(death.signal)}" if death.signal
                    else f"exited with code {death.exit_code}")
-            likely = " (likely the out-of-memory killer)" if death.signal == 9 else ""
+            likely = " (the out-of-memory killer, or a kill -9)" if death.signal == 9 else ""
             seen = f" at {format_bytes(peak)} private memory" if peak else ""
             raise _Died(f"{how}{likely}{seen}")
         assert result is not None
@@ -342,7 +342,7 @@ class Runner:
     def _died(self, r: _Running, how: str, scheduler: Scheduler, handler: StageHandler, stats: StageStats,
               death: Optional[Death]) -> None:
         item = r.item
-        likely = " (likely the out-of-memory killer)" if death and death.signal == 9 else ""
+        likely = " (the out-of-memory killer, or a kill -9)" if death and death.signal == 9 else ""
         detail = (f"{how}{likely} at {format_bytes(r.peak_memory or None)} private memory; estimate "
                   f"{format_bytes(item.estimate)}, budget {format_bytes(self.budget)}")
         self._record(r, "died", death, detail)
