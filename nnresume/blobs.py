@@ -2,8 +2,9 @@
 
 nnU-Net keeps 10e7 / number-of-cases foreground samples per case and channel, so the per-case results of any dataset
 add up to about 400 MB per channel as float32. They are kept between runs so that only changed cases are analysed
-again. Stored as a pickle (protocol 5) whose array buffers are compressed separately with zstd and byte shuffle:
-lossless, about 5x smaller for CT-like data, ~0.1 s per 50 MB.
+again. Stored as a pickle (protocol 5) whose array buffers are compressed separately with LZ4 and byte shuffle:
+lossless, about 3.5x smaller for CT-like data, and quick to read back (aggregation reads them all while every other
+worker waits: LZ4 decompresses 2.5x faster than zstd here, for files 40% larger).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def dumps(obj: Any, summary: Any = None) -> bytes:
     packed = []
     for b in buffers:
         raw = b.raw()
-        packed.append([blosc2.compress2(raw[i:i + _CHUNK], typesize=4, codec=blosc2.Codec.ZSTD, clevel=1,
+        packed.append([blosc2.compress2(raw[i:i + _CHUNK], typesize=4, codec=blosc2.Codec.LZ4, clevel=5,
                                         filters=[blosc2.Filter.SHUFFLE], nthreads=1)
                        for i in range(0, len(raw), _CHUNK)] or [b""])
     head = pickle.dumps(summary, protocol=5)

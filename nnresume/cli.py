@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any, Optional
@@ -175,9 +176,15 @@ def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     exit_code = EXIT_OK
+    # the forkserver's ~2 s import of nnunetv2 overlaps the lock, the ledger and the scan; one for all datasets
+    from .pool import LocalPool
+
+    os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
+    pool = LocalPool()
+    pool.warm_up()
     try:
         for d in settings.datasets:
-            outcome = run_dataset(settings, paths, d, stop)
+            outcome = run_dataset(settings, paths, d, stop, pool)
             _report(outcome)
             exit_code = max(exit_code, outcome.exit_code) if outcome.exit_code < 100 else outcome.exit_code
             if stop:
@@ -191,6 +198,7 @@ def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
         log.debug("traceback", exc_info=True)
         return 1
     finally:
+        pool.shutdown()
         for s, h in previous.items():
             signal.signal(s, h)
     return exit_code

@@ -31,6 +31,7 @@ class RunContext:
     nnunetv2_version: str
     estimator: Estimator = field(default_factory=Estimator)
     pool: Optional[LocalPool] = None
+    owns_pool: bool = True  # a pool passed in by the caller outlives this dataset's run
     peak_tree: int = 0
 
     @property
@@ -70,9 +71,13 @@ class RunContext:
         return StageProgress(desc, total, skipped, self.settings.progress_bar)
 
     def shutdown(self) -> None:
-        if self.pool is not None:
+        if self.pool is None:
+            return
+        if self.owns_pool:
             self.pool.shutdown()
-            self.pool = None
+        else:
+            self.pool.stop_all()  # running workers only; the forkserver stays for the next dataset
+        self.pool = None
 
 
 def place_files(files: list[Any], folder: Path, case: Optional[str] = None) -> None:

@@ -31,6 +31,7 @@ from .ledger.models import RunStatus, TaskState
 from .ledger.repository import CaseRecord, Ledger
 from .lock import DatasetLock, process_started_at
 from .memory import resolve_budget
+from .pool import LocalPool
 from .progress import add_run_log, remove_handler
 from .runner import StageStats, StopFlag
 from .tasks import IntegrityTask, ReaderTask
@@ -180,7 +181,9 @@ def failure_lines(records: dict[str, CaseRecord], scope_idents: Optional[set[str
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
-def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, stop: StopFlag) -> DatasetOutcome:
+def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, stop: StopFlag,
+                pool: Optional[LocalPool] = None) -> DatasetOutcome:
+    """One dataset's run. `pool` may be shared across datasets (the caller shuts it down); else one is made here."""
     t0 = time.time()
     layout = layout_for(name_or_id, paths.raw, paths.preprocessed)
     os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
@@ -217,7 +220,8 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
                         format_bytes(budget), format_bytes(limit))
         log.info("%s: %d case(s); up to %d worker(s); memory budget %s (%s available)", layout.name, len(cases),
                  workers, format_bytes(budget), format_bytes(available))
-        ctx = RunContext(settings, layout, ledger, run_id, stop, budget, workers, nnunetv2_version())
+        ctx = RunContext(settings, layout, ledger, run_id, stop, budget, workers, nnunetv2_version(), pool=pool,
+                         owns_pool=pool is None)
         outcome.budget = budget
         shutil.rmtree(layout.staging, ignore_errors=True)  # the lock is ours: nothing else writes there
         ctx.staging.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,8 @@ class LocalPool:
             events.append(Ended(task_id, death))
         return events
 
-    def shutdown(self) -> None:
+    def stop_all(self) -> None:
+        """Kills and reaps every running worker (after an error or a signal); the forkserver stays."""
         for task_id in list(self._workers):
             self.kill(task_id)
         deadline = time.monotonic() + 10
@@ -181,6 +182,9 @@ class LocalPool:
             w.process.join(max(0.0, deadline - time.monotonic()))
             w.conn.close()
         self._workers.clear()
+
+    def shutdown(self) -> None:
+        self.stop_all()
         # stop the forkserver now rather than when this process exits, so nothing of the run outlives it
         stop = getattr(forkserver._forkserver, "_stop", None)
         if stop is not None:

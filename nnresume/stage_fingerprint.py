@@ -27,7 +27,7 @@ from .tasks import AggregateTask, FingerprintResult, FingerprintTask, InputFileI
 log = logging.getLogger(__name__)
 
 FINGERPRINT_JSON = "dataset_fingerprint.json"
-RESULT_FORMAT = 3  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
+RESULT_FORMAT = 4  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
 
 
 @dataclass

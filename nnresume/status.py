@@ -90,30 +90,34 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
             "nnunetv2": run.nnunetv2_version, "log_file": run.log_file,
         }
         if state == "running":
-            out["progress"] = _progress(ledger, run.id, run.started_at, stages)
+            out["progress"] = _progress(ledger, run.id, run.started_at, stages, cases, list(configurations))
     else:
         out["last_run"] = None
     return out
 
 
-def _progress(ledger: Ledger, run_id: int, started_at: float, stages: dict[str, Any]) -> dict[str, Any]:
-    """Cases left and an ETA from this run's own rate of finished tasks."""
+def _progress(ledger: Ledger, run_id: int, started_at: float, stages: dict[str, Any],
+              cases: dict[str, Any], idents: list[str]) -> dict[str, Any]:
+    """Cases left in the current stage, and an ETA from this run's own rate of finished cases in it."""
     attempts = [a for a in ledger.attempts(run_id) if a.outcome == "ok"]
     now = time.time()
-    remaining_fp = stages["fingerprint"]["counts"]["pending"] + stages["fingerprint"]["counts"]["running"]
-    remaining_pp = max((s["counts"]["pending"] + s["counts"]["running"]
-                        for k, s in stages.items() if k != "fingerprint"), default=0)
-    stage = "fingerprint" if remaining_fp else "preprocess"
+    fp = stages["fingerprint"]["counts"]
+    remaining_fp = fp["pending"] + fp["running"]
+    if remaining_fp:
+        stage, remaining = "fingerprint", remaining_fp
+    else:
+        # a case is left until it is done in every data folder; before planning its rows may not exist yet
+        stage = "preprocess"
+        remaining = sum(1 for rec in cases.values()
+                        if not idents or any(rec.outputs.get(i) is None or rec.outputs[i].state != TaskState.done
+                                             for i in idents))
     done = [a for a in attempts if a.stage == stage]
-    remaining = remaining_fp if remaining_fp else remaining_pp
     eta = None
-    if done:
-        first = min(a.started_at for a in done)
-        rate = len(done) / max(1e-6, now - first)
-        eta = remaining / rate if rate > 0 else None
+    if done and remaining:
+        rate = len(done) / max(1e-6, now - min(a.started_at for a in done))
+        eta = remaining / rate
     return {"stage": stage, "remaining_cases": remaining, "finished_this_run": len(attempts),
             "elapsed_s": now - started_at, "eta_s": eta}
-
 
 
 def render_status(s: dict[str, Any]) -> str:

@@ -109,8 +109,8 @@ def test_second_run_refuses_while_one_runs_and_a_dead_runs_lock_is_taken_over(ra
         dataset / "nnresume.sqlite", "select count(*) from runs")[0][0] > 0, timeout=120, proc=first)
     # status from another shell while it runs
     wait_for(lambda: ledger_query(dataset / "nnresume.sqlite", "select count(*) from attempts where outcome='ok' "
-                                                               "and stage='fingerprint'")[0][0] > 0,
-             timeout=120, proc=first)
+                                                               "and stage='preprocess'")[0][0] > 0,
+             timeout=300, proc=first)
     live = json.loads(run_nnresume(raw_root, pp, "status", "-d", str(BIG.dataset_id), "--json").stdout)
     assert live["last_run"]["state"] == "running" and live["last_run"]["ended_at"] is None
     assert live["progress"]["remaining_cases"] > 0 and live["progress"]["eta_s"] is not None
