@@ -51,8 +51,8 @@ class FingerprintPlan:
 
 
 def fingerprint_key(extractor: str, num_samples: int, dataset_json: dict[str, Any], version: str) -> str:
-    return key_of({"format": OUTPUT_FORMAT_VERSION, "result_format": RESULT_FORMAT, "extractor": extractor, "num_samples": num_samples,
-                   "nnunetv2": version, "file_ending": dataset_json["file_ending"],
+    return key_of({"format": OUTPUT_FORMAT_VERSION, "result_format": RESULT_FORMAT, "extractor": extractor,
+                   "num_samples": num_samples, "nnunetv2": version, "file_ending": dataset_json["file_ending"],
                    "reader": dataset_json.get("overwrite_image_reader_writer")})
 
 

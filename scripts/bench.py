@@ -151,7 +151,7 @@ def summarise(runs: list[dict[str, Any]], startup: float) -> dict[str, Any]:
 
 def machine() -> str:
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
     import nnunetv2  # noqa: F401

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,16 +73,22 @@ def test_config_hash_depends_on_what_changes_outputs() -> None:
     dj = {"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}
     base = dataset.config_hash(_plans(), "3d_fullres", dj, "2.8.1")
     assert base == dataset.config_hash(_plans(), "3d_fullres", dict(dj), "2.8.1")
-    changed = []
-    p = _plans(); p["configurations"]["3d_fullres"]["spacing"] = [2, 1, 1]; changed.append((p, dj, "2.8.1"))
-    p = _plans(); p["plans_name"] = "Q"; changed.append((p, dj, "2.8.1"))
-    p = _plans(); p["foreground_intensity_properties_per_channel"]["0"]["mean"] = 2.0; changed.append((p, dj, "2.8.1"))
-    changed.append((_plans(), {**dj, "labels": {"background": 0, "a": 1, "b": 2}}, "2.8.1"))
-    changed.append((_plans(), dj, "2.8.2"))
+    def edited(edit: Any) -> dict[str, Any]:
+        p = _plans()
+        edit(p)
+        return p
+
+    changed = [
+        (edited(lambda p: p["configurations"]["3d_fullres"].update(spacing=[2, 1, 1])), dj, "2.8.1"),
+        (edited(lambda p: p.update(plans_name="Q")), dj, "2.8.1"),
+        (edited(lambda p: p["foreground_intensity_properties_per_channel"]["0"].update(mean=2.0)), dj, "2.8.1"),
+        (_plans(), {**dj, "labels": {"background": 0, "a": 1, "b": 2}}, "2.8.1"),
+        (_plans(), dj, "2.8.2"),
+    ]
     for plans, d, v in changed:
         assert dataset.config_hash(plans, "3d_fullres", d, v) != base
     # another configuration's edit does not touch this one
-    p = _plans(); p["configurations"]["2d"]["spacing"] = [3, 3]
+    p = edited(lambda p: p["configurations"]["2d"].update(spacing=[3, 3]))
     assert dataset.config_hash(p, "3d_fullres", dj, "2.8.1") == base
 
 
