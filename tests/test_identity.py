@@ -23,6 +23,8 @@ def _data_folders(reference: Path) -> list[str]:
     pytest.param(MULTI, (), "nnUNetPlans.json", id="multi-channel"),
     pytest.param(BIG, tuple(BIG_ARGS), "nnUNetPlans.json", id="lowres-and-cascade"),
     pytest.param(SMALL, ("-pl", "nnUNetPlannerResEncM"), "nnUNetResEncUNetMPlans.json", id="resenc-m-planner"),
+    pytest.param(SMALL, ("-overwrite_target_spacing", "2", "1.5", "1.5", "-overwrite_plans_name", "nnUNetPlansCoarse",
+                         "-c", "3d_fullres"), "nnUNetPlansCoarse.json", id="target-spacing-and-plans-name"),
 ])
 def test_outputs_identical_to_nnunet(spec, args, plans, raw_root: Path, references: References,
                                      tmp_path: Path) -> None:
