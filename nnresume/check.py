@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -19,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import validate
-from .dataset import CaseFiles, DatasetLayout, list_cases, load_dataset_json, read_header
+from .dataset import CaseFiles, DatasetLayout, list_cases, load_dataset_json, orphan_labels
+from .geometry import geometry, likely_reader, read_header
 from .errors import CaseError, NnresumeError
 
 
@@ -53,9 +55,12 @@ def _collect(findings: list[Finding], case: Optional[str], fn: Callable[[], Any]
 
 
 def _header_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any]) -> list[Finding]:
-    """Every problem visible from files and headers; one bad file does not hide another's."""
+    """Every problem visible from files and headers; one bad file does not hide another's.
+
+    Channels, shapes and spacings are compared as nnU-Net's reader will return them (geometry.py): one RGB file is
+    three channels, a 2D image is (1, h, w).
+    """
     out: list[Finding] = []
-    _collect(out, case, lambda: validate.check_channel_files(case, files.images, dataset_json))
     usable = []
     for path in [*files.images, files.label]:
         n = len(out)
@@ -72,40 +77,46 @@ def _header_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any]) ->
     images = [p for p in files.images if p in headers]
     if not images:
         return out
-    first = headers[images[0]]
+    reader = likely_reader(dataset_json["file_ending"], headers[images[0]],
+                           dataset_json.get("overwrite_image_reader_writer"))
+    geos = {p: geometry(headers[p], reader, p, "label" if p == files.label else "image") for p in headers}
+    if len(images) == len(files.images) and all(geos[p] is not None for p in images):
+        per_file = [geos[p].channels for p in images]  # type: ignore[union-attr]
+        _collect(out, case, lambda: validate.check_channel_count(case, list(files.images), sum(per_file),
+                                                                 dataset_json, per_file))
+    first = geos[images[0]]
+    if first is None:
+        return out
     for p in images[1:]:
-        if headers[p]["shape"] != first["shape"] or not np.allclose(headers[p]["spacing"], first["spacing"]):
-            out.append(Finding("error", f"case {case} ({p}): channel shape/spacing {headers[p]['shape']}/"
-                                        f"{headers[p]['spacing']} differs from channel 0 "
-                                        f"{first['shape']}/{first['spacing']}", case))
-    lab = headers.get(files.label)
+        g = geos[p]
+        if g is not None and (g.shape != first.shape or not np.allclose(g.spacing, first.spacing)):
+            out.append(Finding("error", f"case {case} ({p}): channel shape/spacing {list(g.shape)}/"
+                                        f"{list(g.spacing)} differs from the first channel's "
+                                        f"{list(first.shape)}/{list(first.spacing)}", case))
+    lab = geos.get(files.label)
     if lab is None:
         return out
-    if lab["shape"] != first["shape"]:
-        out.append(Finding("error", f"case {case} ({files.label}): label shape {tuple(lab['shape'])} differs from "
-                                    f"image shape {tuple(first['shape'])}", case))
-    if not np.allclose(lab["spacing"], first["spacing"]):
+    if lab.shape != first.shape:
+        out.append(Finding("error", f"case {case} ({files.label}): label shape {lab.shape} differs from "
+                                    f"image shape {first.shape}", case))
+    if not np.allclose(lab.spacing, first.spacing):
         out.append(Finding("error", f"case {case} ({files.label}): label spacing "
-                                    f"{tuple(round(s, 6) for s in lab['spacing'])} differs from image spacing "
-                                    f"{tuple(round(s, 6) for s in first['spacing'])}", case))
+                                    f"{tuple(round(s, 6) for s in lab.spacing)} differs from image spacing "
+                                    f"{tuple(round(s, 6) for s in first.spacing)}", case))
+    if "dataset" not in dataset_json:
+        numbering = validate.channel_numbering(list(files.images), dataset_json["file_ending"])
+        if numbering:
+            out.append(Finding("warning", f"case {case} ({os.path.dirname(files.images[0])}): {numbering}", case))
     return out
 
 
 def _pixel_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any], reader: str) -> list[Finding]:
-    from . import nnunet
+    """Reads the case through nnU-Net's reader as the fingerprint stage does: its errors, then its warnings."""
+    from .worker import inspect_case
 
     out: list[Finding] = []
-    cls = validate.validating_reader(nnunet.reader_writer(reader), case, files.images, files.label, dataset_json)
-
-    def read() -> None:
-        rw = cls()
-        rw.read_images(list(files.images))
-        seg, _ = rw.read_seg(files.label)
-        if seg.size and not np.any(seg > 0):
-            out.append(Finding("warning", f"case {case} ({files.label}): label has only background (nnU-Net "
-                                          "accepts this; make sure it is intended)", case))
-
-    _collect(out, case, lambda: validate.wrap_nnunet_errors(case, "read", list(files.images), files.label, read))
+    warnings = _collect(out, case, lambda: inspect_case(case, list(files.images), files.label, dataset_json, reader))
+    out += [Finding("warning", w.message, case) for w in warnings or ()]
     return out
 
 
@@ -124,15 +135,14 @@ def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: boo
         result.findings.append(Finding("error", f"no training cases in {layout.raw / 'imagesTr'}"))
         return result
     if "numTraining" in dataset_json and dataset_json["numTraining"] != len(cases):
-        result.findings.append(Finding("warning", f"dataset.json says numTraining={dataset_json['numTraining']} "
-                                                  f"but {len(cases)} cases were found"))
-    labels_dir = layout.raw / "labelsTr"
-    if labels_dir.is_dir():
-        ending = dataset_json["file_ending"]
-        orphans = sorted(p.name for p in labels_dir.iterdir()
-                         if p.name.endswith(ending) and p.name[:-len(ending)] not in cases)
-        for name in orphans:
-            result.findings.append(Finding("warning", f"{labels_dir / name} has no images in imagesTr"))
+        result.findings.append(Finding("error", f"dataset.json says numTraining={dataset_json['numTraining']} "
+                                                f"but {len(cases)} training case(s) were found; correct numTraining "
+                                                "(nnU-Net's integrity check rejects this)"))
+    ending = dataset_json["file_ending"]
+    for name, path in orphan_labels(layout.raw, dataset_json, cases).items():
+        result.findings.append(Finding("error", f"case {name} ({path}): label has no image files in imagesTr "
+                                                f"(expected {name}_0000{ending}); add the images or remove the label",
+                                       name))
 
     reader = None
     if full:
@@ -157,7 +167,7 @@ def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: boo
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
         for found in tqdm(ex.map(one, cases.items()), total=len(cases), desc=f"Check {layout.name}", unit="case",
-                          disable=not progress):
+                          disable=not (progress and sys.stderr.isatty())):
             result.findings += found
     _check_preprocessed(layout, result)
     return result

@@ -15,7 +15,8 @@ from typing import Any, Optional
 import click
 
 from . import __version__
-from .config import DEFAULT_CONFIGURATIONS, Paths, PreprocessSettings, format_bytes, parse_memory, parse_spacing
+from .config import (DEFAULT_CONFIGURATIONS, Paths, PreprocessSettings, check_budget, format_bytes, parse_memory,
+                     parse_spacing)
 from .errors import NnresumeError
 from .runner import StopFlag
 
@@ -58,7 +59,7 @@ def _with_ledgers(datasets: tuple[str, ...], fn: Any) -> list[Any]:
     from .dataset import layout_for
     from .ledger.repository import Ledger
 
-    paths = Paths.from_environment()
+    paths = Paths.for_reading()
     out = []
     for d in datasets:
         layout = layout_for(d, paths.raw, paths.preprocessed)
@@ -128,20 +129,24 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--replan", is_flag=True, help="Run the planner even if its inputs did not change.")
 @click.option("--grace", "grace_seconds", type=float, default=20.0, show_default=True,
               help="Seconds running cases get to finish after SIGINT/SIGTERM before they are stopped.")
+@click.option("--strict", is_flag=True,
+              help="Fail cases with warnings (NaN read as 0, image and label not aligned, only background) instead "
+                   "of preprocessing them as nnU-Net would.")
 @click.option("--dry-run", is_flag=True, help="Say what would run and why, and change nothing.")
 def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], planner: str, fingerprint_extractor: str,
                gpu_memory_target: Optional[float], overwrite_plans_name: Optional[str],
                overwrite_target_spacing: tuple[str, ...], preprocessor_name: str, verify_integrity: bool,
                num_workers: Optional[int], num_workers_fingerprint: Optional[int], max_ram: Optional[str],
                no_pbar: bool, verify_outputs: bool, retry_quarantined: bool, replan: bool, grace_seconds: float,
-               dry_run: bool) -> None:
+               strict: bool, dry_run: bool) -> None:
     """Fingerprint, plan and preprocess datasets, resuming whatever an earlier run left unfinished."""
     from .config import MemoryBudget
 
     try:
         paths = Paths.from_environment()
         settings = PreprocessSettings(
-            datasets=datasets, configurations=configurations or DEFAULT_CONFIGURATIONS, planner=planner,
+            datasets=datasets, configurations=configurations or DEFAULT_CONFIGURATIONS,
+            explicit_configurations=bool(configurations), planner=planner,
             fingerprint_extractor=fingerprint_extractor, gpu_memory_target=gpu_memory_target,
             overwrite_plans_name=overwrite_plans_name,
             overwrite_target_spacing=parse_spacing(overwrite_target_spacing), preprocessor_name=preprocessor_name,
@@ -149,7 +154,9 @@ def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], plann
             num_workers_fingerprint=num_workers_fingerprint,
             max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(), progress_bar=not no_pbar,
             verify_outputs=verify_outputs, retry_quarantined=retry_quarantined, replan=replan,
-            grace_seconds=grace_seconds, dry_run=dry_run)
+            grace_seconds=grace_seconds, dry_run=dry_run, strict=strict)
+        if settings.max_ram.bytes is not None:
+            check_budget(settings.max_ram.bytes, settings.max_ram)
     except NnresumeError as e:
         _fail(e)
         return
@@ -217,10 +224,20 @@ def _report(o: Any) -> None:
     if o.peak_tree:
         log.info("  peak memory of the process tree %s (budget %s)", format_bytes(o.peak_tree),
                  format_bytes(o.budget))
+    if o.problems:
+        log.warning("  dataset problems:")
+        for line in o.problems:
+            log.warning("    %s", line)
     if o.failures:
         log.warning("  failed or quarantined:")
         for line in o.failures:
             log.warning("    %s", line)
+    if o.warnings:
+        log.warning("  warnings (preprocessed as nnU-Net would; --strict fails these cases):")
+        for line in o.warnings[:20]:
+            log.warning("    %s", line)
+        if len(o.warnings) > 20:
+            log.warning("    ... and %d more (nnresume status -d %s)", len(o.warnings) - 20, o.dataset)
     if o.status.value == "interrupted":
         log.warning("  %s. Run the same command again to resume; finished cases are kept.", o.reason)
     elif o.exit_code == EXIT_CASES_FAILED:

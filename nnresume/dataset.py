@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError
+from .errors import DatasetError, UsageError
 
 # Bump when nnresume changes how it writes outputs, so that older outputs are redone.
 OUTPUT_FORMAT_VERSION = 1
@@ -90,17 +90,18 @@ def resolve_dataset_name(name_or_id: str, raw: str, preprocessed: str) -> str:
     try:
         dataset_id = int(text)
     except ValueError:
-        raise DatasetError(f"-d {text!r} is neither a dataset id nor a name starting with 'Dataset'") from None
+        raise UsageError(f"-d {text!r} is neither a dataset id nor a name starting with 'Dataset'",
+                         "give the id (-d 1) or the folder name (-d Dataset001_Heart)") from None
     prefix = f"Dataset{dataset_id:03d}_"
-    roots = [preprocessed, raw] + ([os.environ["nnUNet_results"]] if os.environ.get("nnUNet_results") else [])
+    roots = [r for r in (preprocessed, raw, os.environ.get("nnUNet_results")) if r]
     candidates = sorted({d for root in roots if os.path.isdir(root) for d in os.listdir(root)
                          if d.startswith(prefix) and os.path.isdir(os.path.join(root, d))})
     if not candidates:
-        raise DatasetError(f"no dataset with id {dataset_id} in nnUNet_raw={raw} or nnUNet_preprocessed={preprocessed}",
-                           f"expected a folder named {prefix}<name>")
+        raise UsageError(f"no dataset with id {dataset_id} in nnUNet_raw={raw or '(not set)'} or "
+                         f"nnUNet_preprocessed={preprocessed}", f"expected a folder named {prefix}<name>")
     if len(candidates) > 1:
-        raise DatasetError(f"dataset id {dataset_id} is ambiguous: {', '.join(candidates)}",
-                           "give the full dataset name with -d")
+        raise UsageError(f"dataset id {dataset_id} is ambiguous: {', '.join(candidates)}",
+                         "give the full dataset name with -d")
     return candidates[0]
 
 
@@ -113,7 +114,7 @@ def load_dataset_json(raw_folder: Path) -> dict[str, Any]:
     """Reads and checks dataset.json; every problem is a DatasetError naming the file."""
     path = raw_folder / "dataset.json"
     if not raw_folder.is_dir():
-        raise DatasetError(f"dataset folder {raw_folder} does not exist", "check nnUNet_raw and the -d argument")
+        raise UsageError(f"dataset folder {raw_folder} does not exist", "check nnUNet_raw and the -d argument")
     if not path.is_file():
         raise DatasetError(f"{path} is missing", "every nnU-Net dataset needs a dataset.json beside imagesTr/")
     try:
@@ -177,6 +178,20 @@ def list_cases(raw_folder: Path, dataset_json: dict[str, Any]) -> dict[str, Case
             files.append(os.path.join(images_dir, name))
     labels_dir = os.path.join(raw_folder, "labelsTr")
     return {k: CaseFiles(tuple(grouped[k]), os.path.join(labels_dir, k + ending)) for k in sorted(grouped)}
+
+
+def orphan_labels(raw_folder: Path, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]) -> dict[str, str]:
+    """Label files in labelsTr without images in imagesTr (identifier -> label path). nnU-Net lists cases from their
+    images, so it would leave these out without a word; its integrity check rejects the dataset."""
+    if "dataset" in dataset_json:
+        return {}
+    ending = dataset_json["file_ending"]
+    labels_dir = Path(raw_folder) / "labelsTr"
+    if not labels_dir.is_dir():
+        return {}
+    with os.scandir(labels_dir) as it:
+        names = sorted(e.name for e in it if e.name.endswith(ending) and not e.is_dir())
+    return {n[:-len(ending)]: str(labels_dir / n) for n in names if n[:-len(ending)] not in cases}
 
 
 def num_foreground_samples_per_case(num_cases: int) -> int:
@@ -249,33 +264,3 @@ def output_names(case: str, data_identifier: str, file_ending: str) -> list[str]
     if data_identifier == GT_IDENTIFIER:
         return [case + file_ending]
     return [case + ".pkl", case + "_seg.b2nd", case + ".b2nd"]
-
-
-def read_header(path: str) -> dict[str, Any] | None:
-    """Shape and spacing (numpy order) from an image header, without reading pixels; None when unreadable."""
-    try:
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(path)
-        reader.ReadImageInformation()
-        return {"shape": list(reversed(reader.GetSize())), "spacing": list(reversed(reader.GetSpacing())),
-                "components": reader.GetNumberOfComponents()}
-    except Exception:  # a header we cannot read is not an error here: the worker reports it properly
-        return None
-
-
-def voxels_of_header(header: dict[str, Any] | None, channels: int, files: CaseFiles) -> int:
-    """Voxels times channels, from a header; from file sizes when the header could not be read."""
-    if header and header.get("shape"):
-        n = 1
-        for s in header["shape"]:
-            n *= int(s)
-        return max(1, channels) * n
-    total = 0
-    for p in files.images:
-        try:
-            total += os.path.getsize(p)
-        except OSError:
-            pass
-    return 2 * total

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -27,7 +28,20 @@ SPACINGS: tuple[tuple[float, float, float], ...] = (
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """What to generate. Shapes are (z, y, x) ranges; each case draws its own shape inside them."""
+    """What to generate. Shapes are (z, y, x) ranges; each case draws its own shape inside them.
+
+    Beyond the default (3D CT-like NIfTI in imagesTr/labelsTr), the layouts nnU-Net's documentation describes:
+    - `ndim=2`: each case is one 2D image of the shapes' (y, x); written as PNG, BMP or TIFF (natural images, grey
+      values 0-255) or, for the medical endings, as a 2D image SimpleITK writes.
+    - `colour=3` or `4`: natural images with R, G, B (and A) in one file per case, as NaturalImage2DIO reads them;
+      the channel names are then R, G, B(, A).
+    - `.tif`/`.tiff` with `ndim=3`: 3D TIFF with the `<case>.json` spacing file Tiff3DIO reads.
+    - `layout="list"`: dataset.json names each case's files (`"dataset": {...}`), relative to the dataset folder or,
+      with `absolute_paths`, absolute.
+    - `labels="regions"` (region-based training with `regions_class_order`) or `"ignore"` (an ignore label).
+    - `reader`: written to dataset.json as `overwrite_image_reader_writer`; `oblique` gives the images a direction
+      other than the identity (what the reorienting readers change).
+    """
 
     dataset_id: int = 999
     name: str = "Demo"
@@ -37,10 +51,21 @@ class DemoSpec:
     max_shape: tuple[int, int, int] = (40, 80, 80)
     seed: int = 0
     file_ending: str = ".nii.gz"
+    ndim: int = 3
+    colour: int = 1
+    layout: str = "folders"
+    absolute_paths: bool = False
+    labels: str = "plain"
+    reader: Optional[str] = None
+    oblique: bool = False
 
     @property
     def folder_name(self) -> str:
         return f"Dataset{self.dataset_id:03d}_{self.name}"
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        return ("R", "G", "B", "A")[:self.colour] if self.colour > 1 else self.channels
 
 
 def case_name(spec: DemoSpec, index: int) -> str:
@@ -51,7 +76,9 @@ def _case_arrays(spec: DemoSpec, index: int) -> tuple[list[np.ndarray], np.ndarr
     rng = np.random.default_rng([spec.seed, index])
     shape = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(spec.min_shape, spec.max_shape))
     spacing = SPACINGS[index % len(SPACINGS)]
-    z, y, x = np.meshgrid(*(np.linspace(-1.0, 1.0, s, dtype=np.float32) for s in shape), indexing="ij")
+    # a single slice (2D cases) is the middle of the volume
+    z, y, x = np.meshgrid(*(np.linspace(-1.0, 1.0, s, dtype=np.float32) if s > 1 else np.zeros(1, np.float32)
+                            for s in shape), indexing="ij")
 
     centre = rng.uniform(-0.2, 0.2, size=3).astype(np.float32)
     radii = rng.uniform(0.35, 0.6, size=3).astype(np.float32)
@@ -91,51 +118,144 @@ def _case_arrays(spec: DemoSpec, index: int) -> tuple[list[np.ndarray], np.ndarr
     return images, label, spacing
 
 
-def _write(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+NATURAL_ENDINGS = (".png", ".bmp")
+TIFF_ENDINGS = (".tif", ".tiff")
+OBLIQUE_DIRECTION = (0.0, 0.0, 1.0, 0.0, -1.0, 0.0, 1.0, 0.0, 0.0)  # a permutation with a flip: not RAS
+
+
+def _natural(array: np.ndarray) -> np.ndarray:
+    """Grey values 0-255, as a photograph or a microscopy tile would have them."""
+    a = array.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    return np.round((a - lo) / (hi - lo if hi > lo else 1.0) * 255).astype(np.uint8)
+
+
+def _write_sitk(array: np.ndarray, spacing: tuple[float, ...], path: Path, oblique: bool) -> None:
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(array)
-    image.SetSpacing(tuple(reversed(spacing)))
-    image.SetOrigin((0.0, 0.0, 0.0))
+    image.SetSpacing(tuple(float(s) for s in reversed(spacing)))
+    image.SetOrigin((0.0,) * array.ndim)
+    if oblique and array.ndim == 3:
+        image.SetDirection(OBLIQUE_DIRECTION)
     # SimpleITK picks its writer from the file ending, so the temporary name keeps it
     tmp = path.with_name(".part-" + path.name)
-    sitk.WriteImage(image, str(tmp), useCompression=True)
+    sitk.WriteImage(image, str(tmp), useCompression=not path.name.endswith(".gipl"))
     os.replace(tmp, path)
+
+
+def _write_plain(array: np.ndarray, path: Path) -> None:
+    """PNG, BMP or TIFF without geometry (natural images and Tiff3DIO's volumes)."""
+    tmp = path.with_name(".part-" + path.name)
+    if path.name.endswith(TIFF_ENDINGS):
+        import tifffile
+
+        tifffile.imwrite(tmp, array, compression="zlib")
+    else:
+        from PIL import Image
+
+        Image.fromarray(array).save(tmp, format="PNG" if path.name.endswith(".png") else "BMP")
+    os.replace(tmp, path)
+
+
+def _write_spacing_json(spacing: tuple[float, ...], path: Path) -> None:
+    path.write_text(json.dumps({"spacing": [float(s) for s in spacing]}))
+
+
+def _files(spec: DemoSpec, dataset_folder: Path, name: str) -> tuple[list[Path], Path]:
+    n = 1 if spec.colour > 1 else len(spec.channels)
+    if spec.layout == "list":
+        folder = dataset_folder / "data" / name
+        return [folder / f"scan_{c}{spec.file_ending}" for c in range(n)], folder / f"mask{spec.file_ending}"
+    return ([dataset_folder / "imagesTr" / f"{name}_{c:04d}{spec.file_ending}" for c in range(n)],
+            dataset_folder / "labelsTr" / f"{name}{spec.file_ending}")
+
+
+def _labels(spec: DemoSpec, label: np.ndarray) -> np.ndarray:
+    if spec.labels == "ignore":
+        label = label.copy()
+        label[..., : max(1, label.shape[-1] // 8)] = 3  # a stripe nobody annotated
+    return label
 
 
 def write_case(spec: DemoSpec, dataset_folder: Path, index: int) -> str:
     """Writes one case's image and label files; returns its identifier."""
     name = case_name(spec, index)
     images, label, spacing = _case_arrays(spec, index)
-    for c, img in enumerate(images):
-        _write(img, spacing, dataset_folder / "imagesTr" / f"{name}_{c:04d}{spec.file_ending}")
-    _write(label, spacing, dataset_folder / "labelsTr" / f"{name}{spec.file_ending}")
+    image_paths, label_path = _files(spec, dataset_folder, name)
+    for p in [*image_paths, label_path]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    label = _labels(spec, label)
+    ending = spec.file_ending
+    if spec.ndim == 2:
+        images, label = [i[0] for i in images], label[0]
+        spacing = spacing[1:]
+    if ending in NATURAL_ENDINGS or (ending in TIFF_ENDINGS and spec.ndim == 2):
+        grey = [_natural(i) for i in images]
+        if spec.colour > 1:
+            g = grey[0]
+            planes = [g, 255 - g, np.roll(g, g.shape[1] // 3, axis=1), np.full_like(g, 255)][:spec.colour]
+            grey = [np.stack(planes, axis=-1)]
+        for img, p in zip(grey, image_paths):
+            _write_plain(img, p)
+        _write_plain(label.astype(np.uint8), label_path)
+    elif ending in TIFF_ENDINGS:
+        for img, p in zip(images, image_paths):
+            _write_plain(img, p)
+        _write_plain(label, label_path)
+        # Tiff3DIO reads the spacing of <case>_0000.tif from <case>.json, of a label <case>.tif from <case>.json
+        _write_spacing_json(spacing, image_paths[0].with_name(name + ".json"))
+        _write_spacing_json(spacing, label_path.with_name(name + ".json"))
+    else:
+        for img, p in zip(images, image_paths):
+            _write_sitk(img, spacing, p, spec.oblique)
+        _write_sitk(label, spacing, label_path, spec.oblique)
     return name
 
 
-def dataset_json(spec: DemoSpec) -> dict:
-    return {
-        "channel_names": {str(i): c for i, c in enumerate(spec.channels)},
-        "labels": {"background": 0, "organ": 1, "lesion": 2},
+def dataset_json(spec: DemoSpec, dataset_folder: Optional[Path] = None) -> dict:
+    labels: dict = {"background": 0, "organ": 1, "lesion": 2}
+    content: dict = {
+        "channel_names": {str(i): c for i, c in enumerate(spec.channel_names)},
+        "labels": labels,
         "numTraining": spec.num_cases,
         "file_ending": spec.file_ending,
         "name": spec.name,
         "description": "Synthetic dataset generated by nnresume for demos and tests.",
     }
+    if spec.labels == "regions":
+        content["labels"] = {"background": 0, "organ": [1, 2], "lesion": 2}
+        content["regions_class_order"] = [1, 2]
+    elif spec.labels == "ignore":
+        labels["ignore"] = 3
+    if spec.reader:
+        content["overwrite_image_reader_writer"] = spec.reader
+    if spec.layout == "list":
+        root = Path(dataset_folder).resolve() if dataset_folder is not None else Path(".")
+        entries = {}
+        for i in range(spec.num_cases):
+            name = case_name(spec, i)
+            images, label = _files(spec, root, name)
+            if not spec.absolute_paths:
+                images, label = [p.relative_to(root) for p in images], label.relative_to(root)
+            entries[name] = {"images": [str(p) for p in images], "label": str(label)}
+        content["dataset"] = entries
+    return content
 
 
 def write_dataset_json(spec: DemoSpec, dataset_folder: Path) -> None:
     path = dataset_folder / "dataset.json"
     tmp = path.with_name("dataset.json.part")
-    tmp.write_text(json.dumps(dataset_json(spec), indent=4))
+    tmp.write_text(json.dumps(dataset_json(spec, dataset_folder), indent=4))
     os.replace(tmp, path)
 
 
 def make_dataset(spec: DemoSpec, raw_root: Path) -> Path:
     """Creates `raw_root/DatasetXXX_Name` with `spec.num_cases` cases. Returns the dataset folder."""
     folder = Path(raw_root) / spec.folder_name
-    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    if spec.layout != "list":
+        (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     for i in range(spec.num_cases):
         write_case(spec, folder, i)
     write_dataset_json(spec, folder)

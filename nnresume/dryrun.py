@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from . import stage_fingerprint, stage_plan, stage_preprocess
 from .config import Paths, PreprocessSettings
-from .dataset import DatasetLayout, layout_for, list_cases, load_dataset_json, nnunetv2_version
+from .dataset import DatasetLayout, layout_for, list_cases, load_dataset_json, nnunetv2_version, orphan_labels
 from .ledger.repository import ArtifactRecord, Ledger
 
 
@@ -47,6 +47,7 @@ class DryRun:
     outputs: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # configuration -> reason -> cases
     outputs_up_to_date: int = 0
     blocked: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # the run would report these as failed
     notes: list[str] = field(default_factory=list)
 
 
@@ -59,7 +60,12 @@ def plan_dry_run(settings: PreprocessSettings, paths: Paths, name_or_id: str) ->
         records = ledger.load_cases() if ledger else {}
         ctx = _DryContext(settings, layout, ledger or _NoLedger(), nnunetv2_version())
         out = DryRun(layout.name, len(cases))
-        out.removed = sorted(n for n in records if n not in cases)
+        orphans = orphan_labels(layout.raw, dataset_json, cases)
+        out.problems = [f"case {n} ({p}): label has no image files in imagesTr" for n, p in orphans.items()]
+        if dataset_json.get("numTraining") is not None and dataset_json["numTraining"] != len(cases):
+            out.problems.append(f"dataset.json says numTraining={dataset_json['numTraining']} but {len(cases)} "
+                                "training case(s) were found")
+        out.removed = sorted(n for n in records if n not in cases and n not in orphans)
         fplan = stage_fingerprint.plan_fingerprints(ctx, cases, records, dataset_json)  # type: ignore[arg-type]
         for w in fplan.work:
             out.fingerprint.setdefault(_category(w.reason), []).append(w.case)
@@ -110,6 +116,8 @@ def render(d: DryRun) -> str:
         return ", ".join(names[:6]) + (f" ... (+{len(names) - 6})" if len(names) > 6 else "")
 
     lines = [f"{d.dataset}: {d.cases} case(s) — dry run, nothing is changed"]
+    for p in d.problems:
+        lines.append(f"  problem (the run would report it and exit 3): {p}")
     if d.removed:
         lines.append(f"  remove outputs of {len(d.removed)} case(s) no longer in the raw dataset: {cases(d.removed)}")
     total = sum(len(v) for v in d.fingerprint.values())

@@ -19,13 +19,14 @@ reading cgroup limits (system.py).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import psutil
 
-from . import system
+from . import geometry, system
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -127,6 +128,15 @@ class TreeSampler:
         return Readings(tree=overhead + sum(per_task.values()), overhead=overhead, available=self._available(),
                         per_task=per_task)
 
+    def shared_of(self, pid: int) -> int:
+        """Pages `pid` shares with the forkserver; read now if no full read of it was made yet (a task that
+        finished between two samples)."""
+        if pid not in self.shared:
+            rss, uss = self._rss(pid), self._uss(pid)
+            if rss is not None and uss is not None:
+                self.shared[pid] = max(0, rss - uss)
+        return self.shared.get(pid, 0)
+
 
 # ---- estimates -------------------------------------------------------------------------------------------------
 
@@ -136,12 +146,58 @@ def voxels(shape: Iterable[int]) -> int:
 
 def resampled_voxels(shape: list[int], spacing: list[float], target_spacing: list[float],
                      transpose_forward: list[int]) -> int:
-    """Voxels after resampling to `target_spacing` (given in transposed order, 2 entries for 2d)."""
+    """Voxels after resampling to `target_spacing` (given in transposed order, 2 entries for 2d).
+
+    `shape` and `spacing` are a case as nnU-Net's reader returns it: three axes, 2D images as (1, h, w).
+    """
     spacing_t = [spacing[i] for i in transpose_forward]
     if len(target_spacing) < len(spacing_t):
         target_spacing = [spacing_t[0], *target_spacing]
     factor = math.prod(s / t for s, t in zip(spacing_t, target_spacing) if t > 0)
     return int(voxels(shape) * factor)
+
+
+# Values per byte of file when a header cannot be read: compressed images hold several times their size.
+UNREADABLE_HEADER_EXPANSION = 8
+
+
+def _file_size_units(images: list[str]) -> int:
+    total = 0
+    for p in images:
+        try:
+            total += os.path.getsize(p)
+        except OSError:
+            pass
+    return max(1, UNREADABLE_HEADER_EXPANSION * total)
+
+
+def fingerprint_units(header: Optional[dict[str, Any]], images: list[str]) -> int:
+    """A case's size for the fingerprint estimate: values in its first image file (any axes, any components)
+    times its number of image files; from file sizes when the header could not be read."""
+    n = geometry.header_voxels(header)
+    return n * max(1, len(images)) if n else _file_size_units(images)
+
+
+def preprocess_units(header: Optional[dict[str, Any]], images: list[str], target_spacing: Optional[list[float]],
+                     transpose_forward: Optional[list[int]], reader: Optional[str]) -> int:
+    """A case's size for one configuration's estimate: its channels times (voxels as read + voxels after
+    resampling). Uses the shape the reader returned during the fingerprint stage when the ledger has it, else the
+    header read as that reader would read it, else twice the fingerprint's size."""
+    header = header or {}
+    geo: Optional[geometry.Geometry] = None
+    if header.get("reader_shape") and header.get("reader_spacing"):
+        c, *shape = header["reader_shape"]
+        if len(shape) == 3 and len(header["reader_spacing"]) == 3:
+            geo = geometry.Geometry(int(c), (shape[0], shape[1], shape[2]), tuple(header["reader_spacing"]))
+    if geo is None:
+        one = geometry.geometry(header, reader, images[0] if images else "")
+        if one is not None:
+            geo = geometry.Geometry(one.channels * max(1, len(images)), one.shape, one.spacing)
+    if geo is None or not target_spacing:
+        return 2 * fingerprint_units(header or None, images)
+    transpose = list(transpose_forward) if transpose_forward and len(transpose_forward) == 3 else [0, 1, 2]
+    resampled = resampled_voxels(list(geo.shape), list(geo.spacing), list(target_spacing), transpose)
+    return geo.channels * (geo.voxels + resampled)
 
 
 @dataclass

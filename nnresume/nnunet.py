@@ -79,6 +79,54 @@ def preprocessor_class(name: str) -> type:
     return find_class(("preprocessing",), name, "nnunetv2.preprocessing", "preprocessor")
 
 
+_CLASS_PLACES = {
+    "experiment planner": (("experiment_planning",), "nnunetv2.experiment_planning", "ExperimentPlanner", "-pl"),
+    "fingerprint extractor": (("experiment_planning",), "nnunetv2.experiment_planning", "DatasetFingerprintExtractor",
+                              "-fpe"),
+    "preprocessor": (("preprocessing",), "nnunetv2.preprocessing", "DefaultPreprocessor", "-preprocessor_name"),
+}
+
+
+def _classes_below(folder: tuple[str, ...], module: str, base_name: str) -> list[str]:
+    """Names of the subclasses of nnU-Net's base class in the modules nnU-Net searches (for suggestions)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    found: dict[str, type] = {}
+    for info in pkgutil.walk_packages([os.path.join(nnunetv2.__path__[0], *folder)], prefix=module + "."):
+        try:
+            m = importlib.import_module(info.name)
+        except Exception:  # a module that does not import is nnU-Net's concern, not a suggestion
+            continue
+        found.update(inspect.getmembers(m, inspect.isclass))
+    base = found.get(base_name)
+    return sorted(n for n, c in found.items() if base is None or issubclass(c, base))
+
+
+def _find(name: str, folder: tuple[str, ...], module: str) -> Optional[type]:
+    return recursive_find_python_class(os.path.join(nnunetv2.__path__[0], *folder), name, current_module=module)
+
+
+def check_class_names(planner: str, extractor: str, preprocessor: str) -> None:
+    """Every class named on the command line exists where nnU-Net looks for it; else one UsageError for all."""
+    import difflib
+
+    problems, hints = [], []
+    with quiet():
+        for what, name in (("experiment planner", planner), ("fingerprint extractor", extractor),
+                           ("preprocessor", preprocessor)):
+            folder, module, base, flag = _CLASS_PLACES[what]
+            if name == base or _find(name, folder, module) is not None:
+                continue
+            problems.append(f"{flag} {name}: no {what} class of that name in {module}")
+            near = difflib.get_close_matches(name, _classes_below(folder, module, base), n=3, cutoff=0.5)
+            hints.append(f"{flag}: did you mean {' or '.join(near)}?" if near else
+                         f"{flag}: the class must be defined in a module below nnunetv2/{'/'.join(folder)}")
+    if problems:
+        raise UsageError("; ".join(problems), "; ".join(hints))
+
+
 def reader_writer_name(dataset_json: dict[str, Any], example_files: list[str]) -> str:
     """The reader/writer nnU-Net picks for this dataset.
 

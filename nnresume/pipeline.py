@@ -8,6 +8,7 @@ records it as interrupted.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -20,26 +21,28 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import __version__, system
-from .config import Paths, PreprocessSettings, format_bytes
+from .config import STANDARD_CONFIGURATIONS, Paths, PreprocessSettings, check_budget, close_matches, format_bytes
 from .context import RunContext
 from .dataset import (GT_IDENTIFIER, CaseFiles, DatasetLayout, key_of, layout_for, list_cases, load_dataset_json,
-                      nnunetv2_version, read_header)
+                      nnunetv2_version, orphan_labels)
+from .geometry import read_header
 from sqlalchemy.exc import OperationalError
 
-from .errors import DatasetError, Interrupted, NnresumeError
+from .errors import DatasetError, Interrupted, NnresumeError, UsageError
 from .ledger.models import RunStatus, TaskState
-from .ledger.repository import CaseRecord, Ledger
+from .ledger.repository import CaseRecord, FindingRecord, Ledger
 from .lock import DatasetLock, process_started_at
 from .memory import resolve_budget
 from .pool import LocalPool
 from .progress import add_run_log, remove_handler
 from .runner import StageStats, StopFlag
-from .tasks import IntegrityTask, ReaderTask
+from .tasks import ClassCheckTask, IntegrityTask, ReaderTask
 from . import stage_fingerprint, stage_plan, stage_preprocess
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CASES_FAILED = 0, 1, 2, 3
+DEFAULT_CLASSES = ("ExperimentPlanner", "DatasetFingerprintExtractor", "DefaultPreprocessor")
 
 
 class DiskFullError(NnresumeError):
@@ -54,6 +57,8 @@ class DatasetOutcome:
     reason: Optional[str] = None
     run_id: Optional[int] = None
     failures: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # dataset-level errors (numTraining)
+    warnings: list[str] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     duration_s: float = 0.0
     log_file: Optional[str] = None
@@ -104,11 +109,51 @@ def _check_halted(ctx: RunContext, stats: StageStats) -> None:
         raise DiskFullError(stats.halted)
 
 
+def _dataset_problems(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]) -> set[str]:
+    """What is wrong with the dataset rather than a case's files: labels without images (each recorded as a failed
+    case) and a numTraining that disagrees with the cases found (a dataset-level error). nnU-Net's preprocessing
+    passes over both without a word; its integrity check rejects them. Returns the orphan labels' identifiers."""
+    orphans = orphan_labels(ctx.layout.raw, dataset_json, cases)
+    ending = dataset_json["file_ending"]
+    for name, path in orphans.items():
+        message = (f"case {name} ({path}): label has no image files in imagesTr (expected {name}_0000{ending}); "
+                   "add the images or remove the label")
+        ctx.ledger.case_failed_outright(name, ctx.run_id, message)
+        log.error("%s", message)
+    problems = []
+    declared = dataset_json.get("numTraining")
+    if declared is not None and declared != len(cases):
+        problems.append(FindingRecord(None, "error", "num_training", str(ctx.layout.raw / "dataset.json"),
+                                      f"dataset.json says numTraining={declared} but {len(cases)} training case(s) "
+                                      f"were found; correct numTraining (nnU-Net's integrity check rejects this)"))
+    ctx.ledger.set_dataset_findings(ctx.run_id, problems)
+    for p in problems:
+        log.error("%s", p.message)
+    return set(orphans)
+
+
+def _strict(ctx: RunContext, records: dict[str, CaseRecord]) -> None:
+    """--strict: a case with warnings fails, as if its inputs were bad (redone once they change or without it)."""
+    first: dict[str, str] = {}
+    for f in ctx.ledger.findings():
+        if f.case and f.level == "warning":
+            first.setdefault(f.case, f.message)
+    for name, message in first.items():
+        fp = records[name].fingerprint if name in records else None
+        if fp is not None and fp.state == TaskState.done:
+            ctx.ledger.fingerprint_ended_badly(name, TaskState.failed, f"--strict: {message}", died=False)
+            log.error("--strict: %s", message)
+
+
 def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]) -> dict[str, CaseRecord]:
     """The three stages; returns the ledger's cases as they are at the end."""
     s, layout, ledger = ctx.settings, ctx.layout, ctx.ledger
+    if (s.planner, s.fingerprint_extractor, s.preprocessor_name) != DEFAULT_CLASSES:
+        ctx.run_one(ClassCheckTask(f"classes-{ctx.run_id}", s.planner, s.fingerprint_extractor,
+                                   s.preprocessor_name))
+    orphans = _dataset_problems(ctx, dataset_json, cases)
     records = ledger.load_cases()
-    gone = [n for n in records if n not in cases]
+    gone = [n for n in records if n not in cases and n not in orphans]
     if gone:
         for n in gone:
             stage_preprocess.remove_case_outputs(ctx, n, records[n], dataset_json["file_ending"])
@@ -128,6 +173,9 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
         log.info("Fingerprint: %d case(s) to analyse, %d up to date", len(fplan.work), fplan.up_to_date)
         stats = stage_fingerprint.run_fingerprints(ctx, fplan, records, dataset_json, reader)
         _check_halted(ctx, stats)
+        records = ledger.load_cases()
+    if s.strict:
+        _strict(ctx, records)
         records = ledger.load_cases()
     fingerprint_sha, _ = stage_fingerprint.aggregate(ctx, fplan, cases, dataset_json, records)
     if ctx.stop:
@@ -181,6 +229,25 @@ def failure_lines(records: dict[str, CaseRecord], scope_idents: Optional[set[str
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
+def check_configuration_names(settings: PreprocessSettings, layout: DatasetLayout) -> None:
+    """A -c name no plans can contain is a typo: say so before any work. Known names are those of nnU-Net's own
+    planners and of plans files already in the preprocessed folder; with a custom planner and no plans yet, the
+    check waits for the plans (stage_preprocess.configurations_in_scope)."""
+    if not settings.explicit_configurations:
+        return
+    known = set(STANDARD_CONFIGURATIONS)
+    for path in layout.preprocessed.glob("*.json") if layout.preprocessed.is_dir() else []:
+        try:
+            known.update(json.loads(path.read_text()).get("configurations", {}))
+        except (OSError, ValueError, AttributeError):
+            continue
+    standard_planner = settings.planner == "ExperimentPlanner" or settings.planner.startswith("nnUNetPlanner")
+    for name in settings.configurations:
+        if name not in known and standard_planner:
+            raise UsageError(f"-c {name}: no such configuration ({settings.planner} makes "
+                             f"{', '.join(STANDARD_CONFIGURATIONS)})", close_matches(name, sorted(known)))
+
+
 def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, stop: StopFlag,
                 pool: Optional[LocalPool] = None) -> DatasetOutcome:
     """One dataset's run. `pool` may be shared across datasets (the caller shuts it down); else one is made here."""
@@ -192,6 +259,10 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
     if not cases:
         raise DatasetError(f"no training cases in {layout.raw / 'imagesTr'}",
                            f"expected files named <case>_0000{dataset_json['file_ending']}")
+    check_configuration_names(settings, layout)
+    available = system.available_memory()
+    budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available)
+    check_budget(budget, settings.max_ram)
     layout.preprocessed.mkdir(parents=True, exist_ok=True)
     lock = DatasetLock(layout.lock, layout.name)
     lock.acquire()
@@ -210,8 +281,6 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
         log_path = layout.logs / f"run-{run_id}.log"
         log_handler = add_run_log(log_path)
         outcome.log_file = str(log_path)
-        available = system.available_memory()
-        budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available)
         workers = settings.num_workers or system.usable_cpus()
         ledger.update_run(run_id, log_file=str(log_path), workers=workers, budget_bytes=budget)
         limit = system.memory_limit()
@@ -245,9 +314,13 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
         else:
             scope = {c.data_identifier for c in ledger.configurations()}
             outcome.failures = failure_lines(records, scope)
-            if outcome.failures:
+            findings = ledger.findings()
+            outcome.problems = [f.message for f in findings if f.case is None and f.level == "error"]
+            outcome.warnings = [f.message for f in findings if f.level == "warning"]
+            if outcome.failures or outcome.problems:
                 outcome.status, outcome.exit_code = RunStatus.completed_with_failures, EXIT_CASES_FAILED
-                outcome.reason = f"{len(outcome.failures)} case(s) failed"
+                outcome.reason = "; ".join(x for x in (f"{len(outcome.failures)} case(s) failed" if outcome.failures
+                                                       else "", outcome.problems[0] if outcome.problems else "") if x)
             else:
                 outcome.status, outcome.exit_code = RunStatus.completed, EXIT_OK
     except NnresumeError as e:

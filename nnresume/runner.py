@@ -17,7 +17,7 @@ from .ledger.repository import AttemptRecord, MemorySampleRecord
 from .memory import DEFAULT_THRESHOLDS, Estimator, Readings, RunningCase, Thresholds, TreeSampler, decide
 from .pool import Ended, LocalPool, Received, describe_signal
 from .scheduler import QueueItem, Scheduler
-from .errors import DatasetError, Interrupted, NnresumeError
+from .errors import DatasetError, Interrupted, NnresumeError, UsageError
 from .tasks import DatasetResult, Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class _Running:
     peak_memory: int = 0
     failure: Optional[TaskFailed] = None
     peak_rss: Optional[int] = None
+    private_peak: Optional[int] = None
     stop_requested: bool = False
 
 
@@ -183,7 +184,7 @@ class Runner:
         if failure is not None:
             if failure.kind == "disk":
                 raise NnresumeError(failure.message, "free some space and run the same command again")
-            raise DatasetError(failure.message)
+            raise (UsageError if failure.error == "UsageError" else DatasetError)(failure.message, failure.hint)
         if death is not None:
             how = (f"was killed by {describe_signal(death.signal)}" if death.signal
                    else f"exited with code {death.exit_code}")
@@ -271,10 +272,11 @@ class Runner:
             if peak is not None:
                 r.peak_rss = max(r.peak_rss or 0, peak)
                 pid = self.pool.pids().get(r.item.task_id)
-                shared = self.sampler.shared.get(pid, 0) if pid else 0
+                shared = self.sampler.shared_of(pid) if pid else 0
+                r.private_peak = max(r.private_peak or 0, peak - shared)
                 key, units = self._units_of(r.item, message)
                 if key:
-                    self.estimator.observe(key, units, peak - shared)
+                    self.estimator.observe(key, units, peak - shared - r.item.fixed)
         elif isinstance(message, TaskFailed):
             r.failure = message
         elif isinstance(message, TaskFinished):
@@ -294,7 +296,7 @@ class Runner:
             targets=list(getattr(r.task, "targets", [])), started_at=r.wall_started, ended_at=time.time(),
             outcome=outcome, exit_code=death.exit_code if death else 0, signal=death.signal if death else None,
             peak_rss=r.peak_rss, last_rss=r.memory or None, estimate_bytes=r.item.estimate,
-            budget_bytes=self.budget, message=message))
+            budget_bytes=self.budget, message=message, private_peak=r.private_peak))
 
     def _ended(self, r: _Running, death: Optional[Death], scheduler: Scheduler, handler: StageHandler,
                stats: StageStats, stopping: bool) -> None:

@@ -31,6 +31,7 @@ class QueueItem:
     estimate: int
     units: dict[str, int]
     seq: int
+    fixed: int = 0  # bytes of the estimate that do not scale with the case's size (not learned from its peak)
     deaths: int = 0
     stops: int = 0
     max_concurrency: int = 1 << 30
@@ -58,8 +59,8 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, spec: Any, estimate: int, units: dict[str, int], deaths: int = 0) -> QueueItem:
-        item = QueueItem(spec, estimate, units, next(self._seq), deaths=deaths)
+    def add(self, spec: Any, estimate: int, units: dict[str, int], deaths: int = 0, fixed: int = 0) -> QueueItem:
+        item = QueueItem(spec, estimate, units, next(self._seq), deaths=deaths, fixed=fixed)
         if deaths:
             item.max_concurrency = self._concurrency_after_deaths(deaths)
         self._queue[item.task_id] = item

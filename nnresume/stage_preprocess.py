@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import atomic_io
+from .config import close_matches
 from .context import RunContext, place_files
-from .dataset import (GT_IDENTIFIER, CaseFiles, config_hash, gt_hash, output_names, resolve_configuration,
-                      voxels_of_header)
+from .dataset import GT_IDENTIFIER, CaseFiles, config_hash, gt_hash, output_names, resolve_configuration
+from .errors import UsageError
 from .ledger.models import TaskState
 from .ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
-from .memory import resampled_voxels, voxels
+from .memory import preprocess_units
 from .scheduler import QueueItem, Scheduler
 from .tasks import InputFileInfo, OutputResult, PreprocessTask, Target
 
@@ -55,7 +56,11 @@ def configurations_in_scope(ctx: RunContext, plans: dict[str, Any], dataset_json
     seen: dict[str, str] = {}
     for name in ctx.settings.configurations:
         if name not in plans["configurations"]:
-            log.info("Configuration %s is not in plans %s; skipping it (as nnU-Net does)", name,
+            if ctx.settings.explicit_configurations:
+                have = list(plans["configurations"])
+                raise UsageError(f"-c {name}: plans {plans['plans_name']} have no configuration {name!r} (they have "
+                                 f"{', '.join(have)})", close_matches(name, have))
+            log.info("Configuration %s is not in plans %s; skipping it (the planner did not make it)", name,
                      plans["plans_name"])
             continue
         ident = resolve_configuration(plans, name)["data_identifier"]
@@ -75,6 +80,8 @@ def output_reason(ctx: RunContext, out: Optional[OutputRecord], digest: Optional
     if out is None:
         return "new"
     if out.state != TaskState.done:
+        if out.state == TaskState.pending and not out.attempts:
+            return "not started yet"
         return {"running": "interrupted", "pending": "interrupted"}.get(out.state.value, f"{out.state.value} before")
     if out.input_digest != digest:
         return "input changed"
@@ -97,17 +104,9 @@ def output_reason(ctx: RunContext, out: Optional[OutputRecord], digest: Optional
 def _units(rec: CaseRecord, files: CaseFiles, plans: dict[str, Any], conf: ConfigurationRecord) -> int:
     if conf.data_identifier == GT_IDENTIFIER:
         return 0
-    base = voxels_of_header(rec.header, len(files.images), files)
-    header = rec.header or {}
-    if not header.get("shape") or not header.get("spacing"):
-        return 2 * base
     target = resolve_configuration(plans, conf.configuration).get("spacing")
-    if not target:
-        return 2 * base
-    channels = max(1, len(files.images))
-    resampled = resampled_voxels(header["shape"], header["spacing"], list(target),
-                                 list(plans.get("transpose_forward", range(len(header["shape"])))))
-    return channels * voxels(header["shape"]) + channels * resampled
+    return preprocess_units(rec.header, list(files.images), list(target) if target else None,
+                            plans.get("transpose_forward"), plans.get("image_reader_writer"))
 
 
 def plan_outputs(ctx: RunContext, cases: dict[str, CaseFiles], records: dict[str, CaseRecord],

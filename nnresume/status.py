@@ -49,11 +49,6 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
     stages: dict[str, Any] = {"fingerprint": {
         "counts": fp_counts, "total": sum(fp_counts.values()), "peak_rss_max": max(fp_peaks, default=None),
         "peak_rss_median": int(statistics.median(fp_peaks)) if fp_peaks else None}}
-    failures = []
-    for rec in cases.values():
-        fp = rec.fingerprint
-        if fp and fp.state in (TaskState.failed, TaskState.quarantined):
-            failures.append({"case": rec.name, "stage": "fingerprint", "state": fp.state.value, "reason": fp.error})
 
     for ident, conf in configurations.items():
         counts = {s: 0 for s in STATES}
@@ -67,8 +62,6 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
                 peaks.append((o.peak_rss, rec.name))
             if o.state == TaskState.done and o.duration_s is not None:
                 durations.append(o.duration_s)
-            if o.state in (TaskState.failed, TaskState.quarantined):
-                failures.append({"case": rec.name, "stage": ident, "state": o.state.value, "reason": o.error})
         peaks.sort(reverse=True)
         stages[ident] = {
             "configuration": conf.configuration, "counts": counts, "total": sum(counts.values()),
@@ -78,7 +71,12 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
             "mean_duration_s": statistics.fmean(durations) if durations else None,
         }
     out["stages"] = stages
-    out["failures"] = failures
+    out["failures"] = failures_by_case(cases, list(configurations))
+    findings = ledger.findings()
+    out["problems"] = [{"kind": f.kind, "file": f.path, "message": f.message}
+                       for f in findings if f.case is None and f.level == "error"]
+    out["warnings"] = [{"case": f.case, "kind": f.kind, "file": f.path, "message": f.message}
+                       for f in findings if f.level == "warning"]
     if run is not None:
         state = run_state(layout, run.status, run.host, run.pid, run.pid_started_at)
         out["last_run"] = {
@@ -93,6 +91,28 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
             out["progress"] = _progress(ledger, run.id, run.started_at, stages, cases, list(configurations))
     else:
         out["last_run"] = None
+    return out
+
+
+def failures_by_case(cases: dict[str, Any], idents: list[str]) -> list[dict[str, Any]]:
+    """One entry per failing case: the first stage that failed (its reason is the root cause: a case whose
+    fingerprint failed is not preprocessed either), and every stage it holds back."""
+    out = []
+    for rec in cases.values():
+        entry: Optional[dict[str, Any]] = None
+        fp = rec.fingerprint
+        if fp and fp.state in (TaskState.failed, TaskState.quarantined):
+            entry = {"case": rec.name, "stage": "fingerprint", "state": fp.state.value, "reason": fp.error,
+                     "stages": ["fingerprint"]}
+        for ident in idents:
+            o = rec.outputs.get(ident)
+            if o is None or o.state not in (TaskState.failed, TaskState.quarantined):
+                continue
+            if entry is None:
+                entry = {"case": rec.name, "stage": ident, "state": o.state.value, "reason": o.error, "stages": []}
+            entry["stages"].append(ident)
+        if entry is not None:
+            out.append(entry)
     return out
 
 
@@ -132,18 +152,31 @@ def render_status(s: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
-    big = [(ident, c) for ident, st in s["stages"].items() for c in st.get("largest_cases", [])]
+    big = sorted(((ident, c) for ident, st in s["stages"].items() for c in st.get("largest_cases", [])),
+                 key=lambda x: -x[1]["peak_rss"])
     if big:
         lines.append("")
         lines.append("largest cases: " + ", ".join(f"{c['case']} {format_bytes(c['peak_rss'])} ({ident})"
                                                    for ident, c in big[:6]))
+    for p in s.get("problems", []):
+        lines.append("")
+        lines.append(f"dataset problem: {p['message']}")
     if s["failures"]:
         lines.append("")
-        lines.append(f"failed or quarantined ({len(s['failures'])}):")
+        lines.append(f"failed or quarantined ({len(s['failures'])} case(s)):")
         for f in s["failures"][:30]:
-            lines.append(f"  {f['case']} [{f['stage']}, {f['state']}]: {f['reason']}")
+            held = [x for x in f["stages"] if x != f["stage"]]
+            also = f" (so not in {', '.join(held)})" if held else ""
+            lines.append(f"  {f['case']} [{f['stage']}, {f['state']}]: {f['reason']}{also}")
         if len(s["failures"]) > 30:
             lines.append(f"  ... and {len(s['failures']) - 30} more (see --json)")
+    if s.get("warnings"):
+        lines.append("")
+        lines.append(f"warnings ({len(s['warnings'])}; preprocessed as nnU-Net would, --strict fails them):")
+        for w in s["warnings"][:30]:
+            lines.append(f"  {w['message']}")
+        if len(s["warnings"]) > 30:
+            lines.append(f"  ... and {len(s['warnings']) - 30} more (see --json)")
     r = s.get("last_run")
     lines.append("")
     if r is None:
@@ -154,8 +187,10 @@ def render_status(s: dict[str, Any]) -> str:
         if r.get("end_reason"):
             lines.append(f"  reason: {r['end_reason']}")
         lines.append(f"  nnresume {r['arguments']}")
+        peak = (f"; peak tree memory {format_bytes(r['peak_tree_bytes'])}" if r["peak_tree_bytes"]
+                else "; no case ran" if r["state"] != "running" else "")
         lines.append(f"  host {r['host']} pid {r['pid']}; {r['workers']} workers; budget "
-                     f"{format_bytes(r['budget_bytes'])}; peak tree memory {format_bytes(r['peak_tree_bytes'])}")
+                     f"{format_bytes(r['budget_bytes'])}{peak}")
         if r.get("log_file"):
             lines.append(f"  log: {r['log_file']}")
     p = s.get("progress")

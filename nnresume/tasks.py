@@ -21,6 +21,16 @@ class InputFileInfo:
 
 
 @dataclass(frozen=True)
+class CaseWarning:
+    """Something nnU-Net accepts but alters or ignores without a word (NaN read as 0, image and label not aligned, a
+    label with only background). The case is preprocessed as nnU-Net would; the warning is kept in the ledger."""
+
+    kind: str  # non_finite_in_file, geometry, background_only, channel_numbering, channels_geometry
+    path: str
+    message: str  # one line, naming the case and the file
+
+
+@dataclass(frozen=True)
 class StagedFile:
     name: str  # final file name in its data folder
     staged_path: str
@@ -130,6 +140,23 @@ class PlanTask:
 
 
 @dataclass(frozen=True)
+class ClassCheckTask:
+    """Whether the planner, fingerprint extractor and preprocessor classes named on the command line exist where
+    nnU-Net looks for them; checked before any work."""
+
+    task_id: str
+    planner: str
+    fingerprint_extractor: str
+    preprocessor: str
+    case: str = "(dataset)"
+    stage: str = "classes"
+
+    @property
+    def targets(self) -> list[str]:
+        return ["classes"]
+
+
+@dataclass(frozen=True)
 class IntegrityTask:
     task_id: str
     raw_folder: str
@@ -142,7 +169,7 @@ class IntegrityTask:
         return ["integrity"]
 
 
-Task = Union[FingerprintTask, PreprocessTask, ReaderTask, AggregateTask, PlanTask, IntegrityTask]
+Task = Union[FingerprintTask, PreprocessTask, ReaderTask, AggregateTask, PlanTask, IntegrityTask, ClassCheckTask]
 
 
 @dataclass(frozen=True)
@@ -166,6 +193,7 @@ class FingerprintResult:
     header: Optional[dict[str, Any]] = None
     duration_s: float = 0.0
     peak_rss: Optional[int] = None
+    warnings: tuple[CaseWarning, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,6 +215,8 @@ class TaskFailed:
     kind: str
     message: str
     traceback: str = ""
+    error: str = ""  # the NnresumeError subclass raised in the worker, re-raised as such by the orchestrator
+    hint: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,19 @@ The checks wrap nnU-Net's reader/writer class rather than reading files a second
 subclass whose `read_images`/`read_seg` check what they return. Any fingerprint extractor or preprocessor that reads
 through the reader class it is given is checked for free.
 
-What is an error (the case fails): a missing, empty, unreadable or corrupt file; a channel count other than
-dataset.json's; image and label of different shape or spacing (nnU-Net's `np.allclose` tolerance); NaN or infinite
-image values; label values dataset.json does not declare; a label with no voxels.
+What is an error (the case fails), as nnU-Net would fail on it (often much later, and for the whole run): a missing,
+empty, unreadable or corrupt file; a channel count other than dataset.json's, counted as the reader returns channels
+(one RGB file is three); image and label of different shape or spacing (nnU-Net's `np.allclose` tolerance); NaN or
+infinite values as the reader returns them (nnU-Net's fingerprint asserts there are none); label values dataset.json
+does not declare; a label with no voxels.
 A truncated `.nii.gz` is caught before reading: ITK's NIfTI reader fills the missing part with zeros without a word
 (nnU-Net would train on it), so the gzip trailer's size field is compared with what the NIfTI header says the data
-holds, and on a mismatch the whole stream is decompressed to confirm. ITK also turns NaN and infinities in NIfTI files
-into zeros; those checks therefore apply to what the reader returns, as nnU-Net would see it.
-What is not: a label with only background. nnU-Net accepts those (cases without foreground are legitimate);
-`nnresume check` reports them as a warning.
+holds, and on a mismatch the whole stream is decompressed to confirm.
+
+What is a warning (the case is preprocessed as nnU-Net would, and the warning is kept in the ledger): what nnU-Net
+accepts but alters or ignores. NaN and infinities in a float NIfTI file, which ITK reads as 0 (`hidden_non_finite`
+reads the file's own values with nibabel); image and label whose origin, direction or affine differ (nnU-Net's
+integrity check only warns); a label with only background; channel files numbered with a gap.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import numpy as np
 
 from .errors import CaseError
+from .tasks import CaseWarning
 
 T = TypeVar("T")
 
@@ -100,23 +105,48 @@ def check_compressed(case: str, path: str, full: bool = False) -> None:
                         "copy the file again from its source")
 
 
-def check_channel_files(case: str, images: Sequence[str], dataset_json: dict[str, Any] | None) -> None:
-    """One image file per channel of dataset.json, named <case>_0000, <case>_0001, ...; names what is off."""
+def channel_numbering(images: Sequence[str], file_ending: str) -> Optional[str]:
+    """A case whose channel files skip a number (`_0000`, `_0002`): nnU-Net reads them in name order as channels
+    0, 1 without a word. Returns a description, or None when the files are numbered 0, 1, 2, ..."""
+    numbers = []
+    for p in images:
+        name = os.path.basename(p)
+        stem = name[:-len(file_ending)] if file_ending and name.endswith(file_ending) else name
+        if len(stem) < 5 or stem[-5] != "_" or not stem[-4:].isdigit():
+            return None  # not named by channel (an explicit file list in dataset.json)
+        numbers.append(int(stem[-4:]))
+    if numbers == list(range(len(numbers))):
+        return None
+    return (f"channel files are numbered {', '.join(f'_{n:04d}' for n in numbers)}; nnU-Net reads them in name "
+            f"order as channels {', '.join(str(i) for i in range(len(numbers)))}")
+
+
+def check_channel_count(case: str, images: Sequence[str], channels: int, dataset_json: dict[str, Any] | None,
+                        per_file: Sequence[int] | None = None) -> None:
+    """The channels the reader returns against dataset.json's channel_names. Counted as nnU-Net's reader counts
+    them: one RGB file is three channels, a 4D file as many as its first axis. On a mismatch with one channel per
+    file, the message names the channel files missing or extra."""
     if not dataset_json:
         return
     expected = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    if not expected or len(images) == expected:
+    if not expected or channels == expected:
         return
+    detail = ""
     ending = dataset_json.get("file_ending", "")
+    one_each = per_file is None or all(n == 1 for n in per_file)
+    if one_each and "dataset" not in dataset_json:
+        want = {f"{case}_{i:04d}{ending}" for i in range(expected)}
+        have = {os.path.basename(p) for p in images}
+        missing, extra = sorted(want - have), sorted(have - want)
+        detail = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
+                                       f"unexpected {', '.join(extra)}" if extra else "") if x)
+    files = f"{len(images)} file(s)"
+    if per_file is not None:
+        files += " (" + ", ".join(f"{os.path.basename(p)}: {n}" for p, n in zip(images, per_file)) + ")"
     folder = os.path.dirname(images[0]) if images else ""
-    want = {f"{case}_{i:04d}{ending}" for i in range(expected)}
-    have = {os.path.basename(p) for p in images}
-    missing, extra = sorted(want - have), sorted(have - want)
-    detail = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
-                                   f"unexpected {', '.join(extra)}" if extra else "") if x)
-    raise CaseError(case, f"{len(images)} image channel file(s) but dataset.json declares {expected}"
+    raise CaseError(case, f"{channels} image channel(s) in {files} but dataset.json declares {expected}"
                           + (f": {detail}" if detail else ""), folder or None,
-                    "each case needs exactly one file per channel: <case>_0000, <case>_0001, ...")
+                    "each channel is one file <case>_0000, <case>_0001, ..., or one RGB(A) image holding R, G, B(, A)")
 
 
 def before_read(case: str, images: Sequence[str], label: str | None,
@@ -124,7 +154,6 @@ def before_read(case: str, images: Sequence[str], label: str | None,
     """Cheap checks on the files themselves, before a reader gets them."""
     if not images:
         raise CaseError(case, "no image files found (expected <case>_0000<file_ending> in imagesTr)")
-    check_channel_files(case, images, dataset_json)
     for path in [*images, *([label] if label else [])]:
         try:
             size = os.path.getsize(path)
@@ -146,10 +175,7 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
-def check_images(case: str, images: Sequence[str], data: np.ndarray, expected_channels: int | None) -> None:
-    if expected_channels is not None and data.shape[0] != expected_channels:
-        raise CaseError(case, f"{data.shape[0]} image channel(s) but dataset.json declares {expected_channels}",
-                        images[0], "each case needs exactly one file per channel: <case>_0000, <case>_0001, ...")
+def check_images(case: str, images: Sequence[str], data: np.ndarray) -> None:
     for c in range(data.shape[0]):
         channel = data[c]
         if not np.isfinite(channel).all():
@@ -176,19 +202,91 @@ def check_label(case: str, images: Sequence[str], label: str, data_shape: tuple,
         if bad.any():
             found = np.unique(seg[bad])[:10]
             values = [int(v) if float(v).is_integer() else float(v) for v in found]
+            hint = None
+            if seg.shape[0] > 1:
+                hint = (f"the reader returned {seg.shape[0]} values per pixel for this label: it is a colour or "
+                        "palette image, whose colours nnU-Net reads instead of its class indices; save the label "
+                        "as a grey image holding the class numbers")
             raise CaseError(case, f"label values {values} are not declared in dataset.json "
-                                  f"(declared: {list(allowed)})", label)
+                                  f"(declared: {list(allowed)})", label, hint)
+
+
+def geometry_warnings(case: str, image: str, label: str, image_props: dict[str, Any],
+                      seg_props: dict[str, Any]) -> list[CaseWarning]:
+    """Origin, direction or affine of image and label that differ beyond `np.allclose`: nnU-Net's integrity check
+    prints a warning for these and goes on, so the label may not lie where the image is."""
+    out = []
+    for key, fields in (("sitk_stuff", ("origin", "direction")), ("nibabel_stuff", ("original_affine",))):
+        a, b = image_props.get(key), seg_props.get(key)
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            continue
+        for name in fields:
+            x, y = a.get(name), b.get(name)
+            if x is None or y is None:
+                continue
+            x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+            if x.shape != y.shape or not np.allclose(x, y):
+                what = name.replace("original_", "")
+                out.append(CaseWarning("geometry", label, f"case {case} ({label}): label {what} "
+                                       f"{np.round(y, 4).tolist()} differs from image {what} "
+                                       f"{np.round(x, 4).tolist()} ({os.path.basename(image)}); nnU-Net goes on "
+                                       "with voxel indices, so check that they overlap (nnUNetv2_plot_overlay_pngs)"))
+    return out
+
+
+NIFTI_ENDINGS = (".nii", ".nii.gz")
+ITK_READERS = ("SimpleITKIO", "SimpleITKIOWithReorient")
+
+
+def hidden_non_finite(case: str, path: str, role: str, reader: str) -> Optional[CaseWarning]:
+    """NaN and infinities in a float NIfTI file that SimpleITK's reader (and so nnU-Net) reads as 0.
+
+    The file's own values are read with nibabel; only files whose header says floating point can hold them, so
+    integer images (most CT) cost one header read.
+    """
+    if reader not in ITK_READERS or not path.endswith(NIFTI_ENDINGS):
+        return None
+    try:
+        import nibabel
+
+        img = nibabel.load(path)
+        if img.get_data_dtype().kind not in "fc":
+            return None
+        data = np.asanyarray(img.dataobj)
+    except Exception:  # the reader already read it; a file nibabel cannot read is not ours to judge here
+        return None
+    counts = [(int(np.isnan(data).sum()), "NaN"), (int(np.isposinf(data).sum()), "+inf"),
+              (int(np.isneginf(data).sum()), "-inf")]
+    found = [f"{n} {what}" for n, what in counts if n]
+    if not found:
+        return None
+    return CaseWarning("non_finite_in_file", path, f"case {case} ({path}): {role} file holds {' and '.join(found)} "
+                       f"voxel(s) of {data.size}; nnU-Net's reader ({reader}) reads them as 0")
+
+
+def missing_tiff_spacing(case: str, image: str, label: str) -> list[CaseWarning]:
+    """Tiff3DIO reads a case's spacing from `<case>.json` beside its images (and its label's beside the label);
+    without it, it assumes (1, 1, 1) and says so only on its console."""
+    out = []
+    for path, cut in ((image, 5), (label, 0)):
+        ending = "." + path.split(".")[-1]
+        aux = path[:-(len(ending) + cut)] + ".json"
+        if not os.path.isfile(aux):
+            out.append(CaseWarning("assumed_spacing", path, f"case {case} ({path}): no spacing file {aux}; "
+                                   "nnU-Net's Tiff3DIO assumes spacing (1, 1, 1)"))
+    return out
 
 
 def validating_reader(reader_cls: type, case: str, images: Sequence[str], label: str,
-                      dataset_json: dict[str, Any] | None) -> type:
-    """A subclass of nnU-Net's reader/writer class that checks what it reads (see the module docstring)."""
-    expected_channels = None
-    allowed = None
-    if dataset_json is not None:
-        expected_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {}))) or None
-        allowed = declared_labels(dataset_json) or None
-    state: dict[str, Any] = {}
+                      dataset_json: dict[str, Any] | None, observed: Optional[dict[str, Any]] = None) -> type:
+    """A subclass of nnU-Net's reader/writer class that checks what it reads (see the module docstring).
+
+    `observed`, if given, receives what the reader returned: `shape` (c, x, y, z) and `spacing` of the images, and
+    `warnings` (CaseWarning) for what nnU-Net accepts but alters or ignores.
+    """
+    allowed = declared_labels(dataset_json) or None if dataset_json is not None else None
+    state: dict[str, Any] = observed if observed is not None else {}
+    state.setdefault("warnings", [])
 
     class ValidatingReader(reader_cls):  # type: ignore[misc, valid-type]
         def read_images(self, image_fnames, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -203,8 +301,15 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
                     raise CaseError(case, f"cannot read image: {_describe(culprit[1])}", culprit[0]) from None
                 raise CaseError(case, f"image files do not fit together: {_describe(e)}", image_fnames[0],
                                 "all channels of a case need the same shape, spacing and orientation") from None
-            check_images(case, image_fnames, data, expected_channels)
-            state["shape"], state["spacing"] = data.shape[1:], props.get("spacing")
+            try:
+                check_channel_count(case, image_fnames, data.shape[0], dataset_json)
+            except CaseError:
+                per_file = [super(ValidatingReader, self).read_images([f])[0].shape[0] for f in image_fnames]
+                check_channel_count(case, image_fnames, data.shape[0], dataset_json, per_file)
+                raise
+            check_images(case, image_fnames, data)
+            state["shape"], state["spacing"] = data.shape, props.get("spacing")
+            state["image_props"] = props
             return data, props
 
         def read_seg(self, seg_fname, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -216,8 +321,15 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
             finally:
                 state["in_read_seg"] = False
             if "shape" in state:
-                check_label(case, images, seg_fname, state["shape"], state["spacing"], seg, props.get("spacing"),
+                check_label(case, images, seg_fname, state["shape"][1:], state["spacing"], seg, props.get("spacing"),
                             allowed)
+                if not state.get("seg_checked"):
+                    state["seg_checked"] = True
+                    state["warnings"] += geometry_warnings(case, images[0], seg_fname, state["image_props"], props)
+                    if seg.size and not np.any(seg > 0):
+                        state["warnings"].append(CaseWarning(
+                            "background_only", seg_fname, f"case {case} ({seg_fname}): label has only background; "
+                            "nnU-Net accepts this (a case without foreground), make sure it is intended"))
             return seg, props
 
     ValidatingReader.__name__ = reader_cls.__name__

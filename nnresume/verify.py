@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -72,7 +73,7 @@ def verify(layout: DatasetLayout, ledger: Ledger, full: bool, progress: bool = T
     records = ledger.load_cases()
     bad_outputs: dict[tuple[str, str], str] = {}
     bad_fingerprints: dict[str, str] = {}
-    for rec in tqdm(records.values(), desc="Verify", unit="case", disable=not progress):
+    for rec in tqdm(records.values(), desc="Verify", unit="case", disable=not (progress and sys.stderr.isatty())):
         for ident, out in rec.outputs.items():
             if out.state != TaskState.done:
                 continue

@@ -22,10 +22,10 @@ import traceback
 import numpy as np
 from typing import Any, Callable, Optional
 
-from . import atomic_io, blobs, crashpoints, dataset, validate
+from . import atomic_io, blobs, crashpoints, dataset, geometry, validate
 from .errors import CaseError, InputChangedError
 from .errors import NnresumeError
-from .tasks import (AggregateTask, DatasetResult, FingerprintResult, FingerprintTask, InputFileInfo, IntegrityTask,
+from .tasks import (AggregateTask, CaseWarning, ClassCheckTask, DatasetResult, FingerprintResult, FingerprintTask, InputFileInfo, IntegrityTask,
                     OutputResult, PlanTask, PreprocessTask, ReaderTask, StagedFile, Target, TaskFailed, TaskFinished)
 
 # Importing the adapter here makes the forkserver preload nnunetv2 once for every worker it forks.
@@ -100,8 +100,45 @@ def _stage_files(staging_dir: str, case: str, names: list[str], write: Callable[
     return tuple(staged)
 
 
-def _validating(case: str, images: list[str], label: str, dataset_json: dict[str, Any]) -> Callable[[type], type]:
-    return lambda cls: validate.validating_reader(cls, case, images, label, dataset_json)
+def _validating(case: str, images: list[str], label: str, dataset_json: dict[str, Any],
+               observed: Optional[dict[str, Any]] = None) -> Callable[[type], type]:
+    return lambda cls: validate.validating_reader(cls, case, images, label, dataset_json, observed)
+
+
+def case_warnings(case: str, images: list[str], label: str, dataset_json: dict[str, Any], reader: str,
+                  observed: dict[str, Any]) -> tuple[CaseWarning, ...]:
+    """What nnU-Net accepts but alters or ignores in this case (validate.py): what the validating reader observed,
+    channel files numbered with a gap, and NaN or infinities the reader hides."""
+    warnings: list[CaseWarning] = list(observed.get("warnings", []))
+    if "dataset" not in dataset_json:
+        numbering = validate.channel_numbering(images, dataset_json.get("file_ending", ""))
+        if numbering:
+            warnings.append(CaseWarning("channel_numbering", images[0],
+                                        f"case {case} ({os.path.dirname(images[0])}): {numbering}"))
+    for role, path in [*(("image", p) for p in images), ("label", label)]:
+        w = validate.hidden_non_finite(case, path, role, reader)
+        if w is not None:
+            warnings.append(w)
+    if reader == "Tiff3DIO":
+        warnings += validate.missing_tiff_spacing(case, images[0], label)
+    return tuple(warnings)
+
+
+def inspect_case(case: str, images: list[str], label: str, dataset_json: dict[str, Any],
+                 reader: str) -> tuple[CaseWarning, ...]:
+    """Reads a case through the validating reader as the fingerprint stage does (for `nnresume check --full`);
+    raises CaseError for what fails the case, returns the warnings."""
+    validate.before_read(case, images, label, dataset_json)
+    observed: dict[str, Any] = {}
+    cls = validate.validating_reader(nnunet.reader_writer(reader), case, images, label, dataset_json, observed)
+
+    def read() -> None:
+        rw = cls()
+        rw.read_images(list(images))
+        rw.read_seg(label)
+
+    validate.wrap_nnunet_errors(case, "read", images, label, read)
+    return case_warnings(case, images, label, dataset_json, reader, observed)
 
 
 def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
@@ -121,9 +158,9 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
 
     images = [p for r, _, p in task.files if r == "image"]
     label = next(p for r, _, p in task.files if r == "label")
-    header = dataset.read_header(images[0]) if images else None
     validate.before_read(task.case, images, label, task.dataset_json)
-    wrap = _validating(task.case, images, label, task.dataset_json)
+    observed: dict[str, Any] = {}
+    wrap = _validating(task.case, images, label, task.dataset_json, observed)
     result = validate.wrap_nnunet_errors(
         task.case, "fingerprint", images, label,
         lambda: nnunet.analyze_case(task.extractor, images, label, task.reader_writer, task.num_samples, wrap))
@@ -143,9 +180,16 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
 
     (staged,) = _stage_files(task.staging_dir, task.case, [name], write)
     shape_after_crop, spacing = result[0], result[1]
+    # the case as the reader returned it: what the preprocessing stage's memory estimate starts from
+    header = dict(geometry.read_header(images[0]) or {})
+    if "shape" in observed:
+        header["reader_shape"] = [int(s) for s in observed["shape"]]
+        header["reader_spacing"] = [float(s) for s in observed["spacing"]]
     send(FingerprintResult(task.case, tuple(files), digest, unchanged=False, result=staged,
                            shape_after_crop=[int(s) for s in shape_after_crop], spacing=[float(s) for s in spacing],
-                           header=header, duration_s=time.time() - t0, peak_rss=peak_rss()))
+                           header=header, duration_s=time.time() - t0, peak_rss=peak_rss(),
+                           warnings=case_warnings(task.case, images, label, task.dataset_json,
+                                                           task.reader_writer, observed)))
 
 
 def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
@@ -251,6 +295,9 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
             run_aggregate(task, send)
         elif isinstance(task, PlanTask):
             run_plan(task, send)
+        elif isinstance(task, ClassCheckTask):
+            nnunet.check_class_names(task.planner, task.fingerprint_extractor, task.preprocessor)
+            send(DatasetResult(value="ok"))
         elif isinstance(task, IntegrityTask):
             nnunet.verify_dataset_integrity(task.raw_folder, task.num_processes)
             send(DatasetResult(value="ok"))
@@ -264,7 +311,7 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
             send(TaskFailed(task.case, task.targets, "case", e.one_line()))
         return
     except NnresumeError as e:  # a dataset-level task's own error (no reader fits, a planner not found)
-        send(TaskFailed(task.case, task.targets, "dataset", e.one_line()))
+        send(TaskFailed(task.case, task.targets, "dataset", e.message, error=type(e).__name__, hint=e.hint))
         return
     except MemoryError:
         send(TaskFailed(task.case, task.targets, "memory",

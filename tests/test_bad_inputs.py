@@ -156,6 +156,58 @@ def test_a_broken_dataset_fails_at_once(breakage: str, message: str, raw_root: P
     elif breakage == "no-cases":
         for p in (ds / "imagesTr").iterdir():
             p.unlink()
-    r = run_nnresume(raw, tmp_path / "pp", "preprocess", "-d", str(dataset_id), "--no-pbar", expect=1)
+    r = run_nnresume(raw, tmp_path / "pp", "preprocess", "-d", str(dataset_id), "--no-pbar",
+                     expect=2 if breakage == "no-dataset" else 1)
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().startswith("nnresume:"), r.stderr
+
+
+def test_what_nnunet_alters_silently_is_preprocessed_as_nnunet_does_and_warned(raw_root: Path, tmp_path: Path) -> None:
+    """NaN read as 0, a label that does not lie where its image is, a label with only background: nnU-Net takes
+    them without a word. nnresume gives the same outputs, records a warning for each, and fails them with --strict."""
+    from nnresume.compare import compare_folders
+
+    from .conftest import run_nnunet
+
+    raw = copy_dataset(raw_root, SMALL, tmp_path / "raw")
+    ds = raw / SMALL.folder_name
+    _rewrite(ds / "imagesTr" / "small_0001_0000.nii.gz", _with_nan)  # float32 NIfTI: ITK reads the NaN as 0
+    label = ds / "labelsTr" / "small_0002.nii.gz"
+    img = sitk.ReadImage(str(label))
+    img.SetOrigin((5.0, -3.0, 2.0))
+    sitk.WriteImage(img, str(label), useCompression=True)
+    _rewrite(ds / "labelsTr" / "small_0003.nii.gz", lambda a: np.zeros_like(a))
+    did = str(SMALL.dataset_id)
+
+    run_nnunet(raw, tmp_path / "ref", SMALL.dataset_id, [])
+    pp = tmp_path / "pp"
+    r = run_nnresume(raw, pp, "preprocess", "-d", did, "-np", "2", "--no-pbar")
+    reference = tmp_path / "ref" / SMALL.folder_name
+    folders = sorted(p.name for p in reference.iterdir() if p.is_dir())
+    assert compare_folders(pp / SMALL.folder_name, reference, folders, ["nnUNetPlans.json"]) == []
+    summary = r.stderr[r.stderr.index("completed"):]
+    expected = {"small_0001": ("non_finite_in_file", "1 NaN"), "small_0002": ("geometry", "label origin"),
+                "small_0003": ("background_only", "only background")}
+    for case, (_, words) in expected.items():
+        assert any(case in line and words in line for line in summary.splitlines()), (case, summary)
+
+    status = json.loads(run_nnresume(raw, pp, "status", "-d", did, "--json").stdout)
+    warned = {w["case"]: w for w in status["warnings"]}
+    assert set(warned) == set(expected)
+    for case, (kind, words) in expected.items():
+        assert warned[case]["kind"] == kind and words in warned[case]["message"] and case in warned[case]["message"]
+    assert status["failures"] == []
+    text = run_nnresume(raw, pp, "status", "-d", did).stdout
+    assert "warnings (3;" in text and "small_0001_0000.nii.gz" in text
+
+    check = json.loads(run_nnresume(raw, pp, "check", "-d", did, "--full", "--json").stdout)
+    found = {f["case"]: f for f in check["datasets"][0]["findings"]}
+    assert set(found) == set(expected) and all(f["level"] == "warning" for f in found.values())
+    assert "1 NaN" in found["small_0001"]["message"]
+
+    r = run_nnresume(raw, pp, "preprocess", "-d", did, "-np", "2", "--no-pbar", "--strict", expect=3)
+    status = json.loads(run_nnresume(raw, pp, "status", "-d", did, "--json").stdout)
+    failed = {f["case"]: f for f in status["failures"]}
+    assert set(failed) == set(expected)
+    assert all(f["stage"] == "fingerprint" and f["reason"].startswith("--strict:") for f in failed.values())
+    assert status["stages"]["nnUNetPlans_3d_fullres"]["counts"]["done"] == SMALL.num_cases - 3

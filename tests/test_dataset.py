@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from nnresume import dataset
-from nnresume.errors import DatasetError
+from nnresume.errors import DatasetError, UsageError
 
 from .conftest import BIG, BIG_ARGS, References
 
@@ -107,12 +107,13 @@ def test_dataset_name_resolution(tmp_path: Path) -> None:
     assert dataset.resolve_dataset_name("007", str(raw), str(pp)) == "Dataset007_Seven"
     assert dataset.resolve_dataset_name("70", str(raw), str(pp)) == "Dataset070_Seventy"
     assert dataset.resolve_dataset_name("Dataset123_X", str(raw), str(pp)) == "Dataset123_X"
-    with pytest.raises(DatasetError, match="no dataset with id 8"):
+    # a -d that names no dataset is a usage error (exit code 2)
+    with pytest.raises(UsageError, match="no dataset with id 8"):
         dataset.resolve_dataset_name("8", str(raw), str(pp))
-    with pytest.raises(DatasetError, match="neither"):
+    with pytest.raises(UsageError, match="neither"):
         dataset.resolve_dataset_name("heart", str(raw), str(pp))
     (pp / "Dataset007_Other").mkdir()
-    with pytest.raises(DatasetError, match="ambiguous"):
+    with pytest.raises(UsageError, match="ambiguous"):
         dataset.resolve_dataset_name("7", str(raw), str(pp))
 
 

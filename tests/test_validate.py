@@ -61,13 +61,29 @@ def test_multi_member_gzip_is_not_mistaken_for_truncation(tmp_path: Path) -> Non
     validate.check_compressed("c", str(p), full=True)
 
 
-def test_channel_files_named() -> None:
+def test_channel_count_as_the_reader_returns_it() -> None:
     dj = {"channel_names": {"0": "T1", "1": "T2"}, "file_ending": ".nii.gz"}
-    validate.check_channel_files("a", ["/d/a_0000.nii.gz", "/d/a_0001.nii.gz"], dj)
+    validate.check_channel_count("a", ["/d/a_0000.nii.gz", "/d/a_0001.nii.gz"], 2, dj)
     with pytest.raises(CaseError, match="missing a_0001.nii.gz"):
-        validate.check_channel_files("a", ["/d/a_0000.nii.gz"], dj)
+        validate.check_channel_count("a", ["/d/a_0000.nii.gz"], 1, dj)
     with pytest.raises(CaseError, match="unexpected a_0003.nii.gz"):
-        validate.check_channel_files("a", ["/d/a_0000.nii.gz", "/d/a_0001.nii.gz", "/d/a_0003.nii.gz"], dj)
+        validate.check_channel_count("a", ["/d/a_0000.nii.gz", "/d/a_0001.nii.gz", "/d/a_0003.nii.gz"], 3, dj)
+    # one RGB file is three channels, as NaturalImage2DIO reads it: no file is missing
+    rgb = {"channel_names": {"0": "R", "1": "G", "2": "B"}, "file_ending": ".png"}
+    validate.check_channel_count("a", ["/d/a_0000.png"], 3, rgb, [3])
+    with pytest.raises(CaseError, match=r"1 image channel\(s\) in 1 file\(s\) \(a_0000.png: 1\) but dataset.json "
+                                        "declares 3: missing a_0001.png, a_0002.png"):
+        validate.check_channel_count("a", ["/d/a_0000.png"], 1, rgb, [1])
+    with pytest.raises(CaseError, match=r"4 image channel\(s\) in 1 file\(s\) \(a_0000.png: 4\) but dataset.json "
+                                        "declares 3") as e:
+        validate.check_channel_count("a", ["/d/a_0000.png"], 4, rgb, [4])
+    assert "missing" not in str(e.value)
+
+
+def test_channel_numbering_with_a_gap_is_noticed() -> None:
+    assert validate.channel_numbering(["/d/a_0000.png", "/d/a_0001.png"], ".png") is None
+    assert "_0000, _0002" in validate.channel_numbering(["/d/a_0000.png", "/d/a_0002.png"], ".png")
+    assert validate.channel_numbering(["/d/scan.png"], ".png") is None  # an explicit file list: any names
 
 
 def test_declared_labels_include_regions_and_ignore() -> None:

@@ -177,6 +177,25 @@ class Artifact(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class Finding(Base):
+    """What a case (or the dataset) has that nnU-Net accepts but alters or ignores (level `warning`: NaN read as 0,
+    image and label not aligned, only background), or a dataset-level problem no case owns (level `error`:
+    dataset.json's numTraining against the cases found). A case's findings are replaced when it is fingerprinted
+    again; dataset-level ones at every run."""
+
+    __tablename__ = "findings"
+    __table_args__ = (Index("ix_findings_case_id", "case_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[Optional[int]] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"))
+    level: Mapped[str] = mapped_column(String(8))
+    kind: Mapped[str] = mapped_column(String(32))
+    path: Mapped[Optional[str]] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class Attempt(Base):
     """One try at one task (a case's fingerprint, or a case's outputs), however it ended."""
 
@@ -194,6 +213,8 @@ class Attempt(Base):
     exit_code: Mapped[Optional[int]] = mapped_column(Integer)
     signal: Mapped[Optional[int]] = mapped_column(Integer)
     peak_rss: Mapped[Optional[int]]
+    # the peak less the pages the worker shares with the forkserver: what the estimate predicts
+    private_peak: Mapped[Optional[int]]
     last_rss: Mapped[Optional[int]]
     estimate_bytes: Mapped[Optional[int]]
     budget_bytes: Mapped[Optional[int]]

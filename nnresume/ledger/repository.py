@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from .. import crashpoints
 from . import engine as engine_mod
-from .models import (Artifact, Attempt, Case, Configuration, Fingerprint, InputFile, MemorySample, Output, Run,
-                     RunStatus, TaskState)
+from .models import (Artifact, Attempt, Case, Configuration, Finding, Fingerprint, InputFile, MemorySample, Output,
+                     Run, RunStatus, TaskState)
 
 
 @dataclass
@@ -129,6 +129,16 @@ class AttemptRecord:
     estimate_bytes: Optional[int] = None
     budget_bytes: Optional[int] = None
     message: Optional[str] = None
+    private_peak: Optional[int] = None
+
+
+@dataclass
+class FindingRecord:
+    case: Optional[str]  # None: the dataset as a whole
+    level: str  # "warning" or "error"
+    kind: str
+    path: Optional[str]
+    message: str
 
 
 @dataclass
@@ -207,6 +217,13 @@ class Ledger:
             if command:
                 q = q.where(Run.command == command)
             r = s.scalar(q)
+            return _run(r) if r else None
+
+    def last_run_with_work(self, command: str) -> RunRecord | None:
+        """The newest run of `command` that attempted at least one task (a rerun with nothing to do has none)."""
+        with self._session() as s:
+            r = s.scalar(select(Run).where(Run.command == command, Run.id.in_(select(Attempt.run_id)))
+                         .order_by(Run.id.desc()).limit(1))
             return _run(r) if r else None
 
     def get_run(self, run_id: int) -> RunRecord | None:
@@ -299,9 +316,11 @@ class Ledger:
     def fingerprint_done(self, name: str, run_id: int, key: str, input_digest: str, files: list[FileRecord],
                          result_file: str, result_size: int, result_sha256: str, shape_after_crop: list[Any],
                          spacing: list[Any], duration_s: float, peak_rss: int | None,
-                         header: dict[str, Any] | None) -> None:
+                         header: dict[str, Any] | None, findings: Iterable[FindingRecord] = ()) -> None:
+        """A case's fingerprint result is committed; its findings (warnings) replace those of its last result."""
         with self._session() as s, s.begin():
             case_id = self._case_id(s, name)
+            self._replace_findings(s, case_id, run_id, findings)
             s.execute(update(Case).where(Case.id == case_id).values(input_digest=input_digest, updated_at=time.time(),
                                                                     **({"header": header} if header else {})))
             self._write_files(s, case_id, files)
@@ -310,6 +329,33 @@ class Ledger:
             fp.result_file, fp.result_size, fp.result_sha256 = result_file, result_size, result_sha256
             fp.shape_after_crop, fp.spacing, fp.duration_s, fp.peak_rss = shape_after_crop, spacing, duration_s, peak_rss
             fp.error, fp.deaths, fp.updated_at = None, 0, time.time()
+
+    @staticmethod
+    def _replace_findings(s: Session, case_id: int | None, run_id: int | None,
+                          findings: Iterable[FindingRecord]) -> None:
+        s.execute(delete(Finding).where(Finding.case_id == case_id if case_id is not None else Finding.case_id.is_(None)))
+        now = time.time()
+        for f in findings:
+            s.add(Finding(case_id=case_id, level=f.level, kind=f.kind, path=f.path, message=f.message, run_id=run_id,
+                          created_at=now))
+
+    def set_dataset_findings(self, run_id: int, findings: Iterable[FindingRecord]) -> None:
+        """Dataset-level problems found by this run (they replace the last run's)."""
+        with self._session() as s, s.begin():
+            self._replace_findings(s, None, run_id, findings)
+
+    def findings(self) -> list[FindingRecord]:
+        with self._session() as s:
+            rows = s.execute(select(Case.name, Finding.level, Finding.kind, Finding.path, Finding.message)
+                             .outerjoin(Case, Case.id == Finding.case_id).order_by(Finding.case_id, Finding.id))
+            return [FindingRecord(*row) for row in rows]
+
+    def case_failed_outright(self, name: str, run_id: int, error: str) -> None:
+        """A case that cannot even be attempted (a label without images): recorded failed, as a case whose
+        fingerprint failed, so that `status` and the summary name it."""
+        with self._session() as s, s.begin():
+            fp = self._fingerprint_row(s, name)
+            fp.state, fp.error, fp.updated_at, fp.run_id = TaskState.failed, error, time.time(), run_id
 
     def fingerprint_ended_badly(self, name: str, state: TaskState, error: str, died: bool,
                                 peak_rss: int | None = None) -> None:
@@ -433,7 +479,7 @@ class Ledger:
             s.add(Attempt(run_id=a.run_id, case_name=a.case_name, stage=a.stage, targets=a.targets,
                           started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome, exit_code=a.exit_code,
                           signal=a.signal, peak_rss=a.peak_rss, last_rss=a.last_rss, estimate_bytes=a.estimate_bytes,
-                          budget_bytes=a.budget_bytes, message=a.message))
+                          budget_bytes=a.budget_bytes, message=a.message, private_peak=a.private_peak))
 
     def attempts(self, run_id: int | None = None) -> list[AttemptRecord]:
         with self._session() as s:
@@ -442,7 +488,7 @@ class Ledger:
                 q = q.where(Attempt.run_id == run_id)
             return [AttemptRecord(a.run_id, a.case_name, a.stage, a.targets, a.started_at, a.ended_at, a.outcome,
                                   a.exit_code, a.signal, a.peak_rss, a.last_rss, a.estimate_bytes, a.budget_bytes,
-                                  a.message) for a in s.scalars(q)]
+                                  a.message, a.private_peak) for a in s.scalars(q)]
 
     def add_memory_samples(self, run_id: int, samples: list[MemorySampleRecord]) -> None:
         if not samples:
