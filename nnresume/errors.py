@@ -4,6 +4,16 @@ This module imports nothing from the rest of the package, so every module can ra
 """
 from __future__ import annotations
 
+import re
+
+# NumPy 2 writes scalars as np.str_('case_0001') or np.int64(3); a message shows the value itself
+_NUMPY_SCALAR = re.compile(r"np\.(?:str_|bytes_|u?int\d*|float\d*|bool_?)\(([^()]*)\)")
+
+
+def plain(text: str) -> str:
+    """`text` with NumPy scalar reprs replaced by their values."""
+    return _NUMPY_SCALAR.sub(r"\1", text)
+
 
 class NnresumeError(Exception):
     """Base class. The CLI prints `message` and `hint` and exits with `exit_code`, without a traceback."""
@@ -11,6 +21,7 @@ class NnresumeError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        message, hint = plain(message), plain(hint) if hint else hint
         super().__init__(message)
         self.message = message
         self.hint = hint

@@ -69,6 +69,7 @@ class StageProgress:
         self.total = total
         self._mem = ""
         self._last = 0.0
+        self._used_budget: Optional[tuple[int, int]] = None
         self.bar = tqdm(desc=desc, total=total, initial=0, disable=not enabled, unit="case", dynamic_ncols=True,
                         leave=True, smoothing=0.05)
         self._postfix()
@@ -88,9 +89,10 @@ class StageProgress:
         self._postfix()
         self.bar.update(1)
 
-    def memory(self, used: int, budget: int, running: int) -> None:
+    def memory(self, used: int, budget: int, running: int, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last < 0.5:
+        self._used_budget = (used, budget)
+        if now - self._last < 0.5 and not force:
             return
         self._last = now
         self._mem = f"RAM {format_bytes(used)}/{format_bytes(budget)} running={running}"
@@ -98,4 +100,8 @@ class StageProgress:
         self.bar.refresh()
 
     def close(self) -> None:
+        """The bar's last line shows the stage ended: nothing running (an update may have been skipped as too soon
+        after the previous one)."""
+        if self._used_budget is not None:
+            self.memory(*self._used_budget, running=0, force=True)
         self.bar.close()

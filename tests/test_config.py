@@ -11,14 +11,14 @@ from nnresume.errors import UsageError
 
 @pytest.mark.parametrize("text, expected", [
     ("28G", 28 * 2**30), ("28g", 28 * 2**30), ("28GB", 28 * 2**30), ("28GiB", 28 * 2**30),
-    ("512M", 512 * 2**20), ("1.5T", int(1.5 * 2**40)), ("100K", 102400), ("123456789", 123456789),
+    ("512M", 512 * 2**20), ("1.5T", int(1.5 * 2**40)), ("100K", 102400), ("123456789B", 123456789),
     (" 4G ", 4 * 2**30),
 ])
 def test_sizes(text: str, expected: int) -> None:
     assert parse_memory(text).bytes == expected and parse_memory(text).fraction is None
 
 
-@pytest.mark.parametrize("text, fraction", [("0.8", 0.8), (".5", 0.5), ("1.0", 1.0), ("0.05", 0.05)])
+@pytest.mark.parametrize("text, fraction", [("0.8", 0.8), (".5", 0.5), ("0.99", 0.99), ("0.05", 0.05)])
 def test_fractions(text: str, fraction: float) -> None:
     assert parse_memory(text).fraction == fraction and parse_memory(text).bytes is None
 
@@ -29,9 +29,26 @@ def test_rejected(text: str) -> None:
         parse_memory(text)
 
 
-@given(st.integers(min_value=1, max_value=2**50), st.sampled_from(["", "K", "M", "G", "T"]))
+@pytest.mark.parametrize("text", ["1.5", "1", "1.0", "2400", "28"])
+def test_bare_numbers_from_one_up_are_ambiguous(text: str) -> None:
+    with pytest.raises(UsageError, match="ambiguous") as e:
+        parse_memory(text)
+    assert f"{text}G" in (e.value.hint or "")
+
+
+def test_a_budget_below_what_nnresume_needs_is_refused() -> None:
+    from nnresume.config import MIN_BUDGET, MemoryBudget, check_budget
+
+    check_budget(MIN_BUDGET, MemoryBudget(bytes=MIN_BUDGET))
+    with pytest.raises(UsageError, match="1 KiB, less than"):
+        check_budget(1024, parse_memory("1K"))
+    with pytest.raises(UsageError, match="0.001 of available memory"):
+        check_budget(10 << 20, parse_memory("0.001"))
+
+
+@given(st.integers(min_value=1, max_value=2**50), st.sampled_from(["B", "K", "M", "G", "T"]))
 def test_integer_sizes_roundtrip(n: int, unit: str) -> None:
-    factor = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+    factor = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
     assert parse_memory(f"{n}{unit}").bytes == n * factor
 
 
