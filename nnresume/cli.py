@@ -15,10 +15,17 @@ from typing import Any, Optional
 import click
 
 from . import __version__
-from .config import (DEFAULT_CONFIGURATIONS, Paths, PreprocessSettings, check_budget, format_bytes, parse_memory,
-                     parse_spacing)
+from .config import (
+    DEFAULT_CONFIGURATIONS,
+    Paths,
+    PreprocessSettings,
+    check_budget,
+    format_bytes,
+    parse_memory,
+    parse_spacing,
+)
 from .errors import NnresumeError
-from .runner import StopFlag
+from .execution.runner import StopFlag
 
 log = logging.getLogger("nnresume")
 
@@ -161,7 +168,7 @@ def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], plann
         _fail(e)
         return
     if dry_run:
-        from .dryrun import dry_run as run_dry
+        from .commands.dryrun import dry_run as run_dry
 
         try:
             for d in settings.datasets:
@@ -173,7 +180,7 @@ def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], plann
 
 
 def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
-    from .pipeline import EXIT_OK, run_dataset
+    from .preprocess.pipeline import EXIT_OK, run_dataset
 
     stop = StopFlag()
 
@@ -184,7 +191,7 @@ def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     exit_code = EXIT_OK
     # the forkserver's ~2 s import of nnunetv2 overlaps the lock, the ledger and the scan; one for all datasets
-    from .pool import LocalPool
+    from .execution.pools.local import LocalPool
 
     os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
     pool = LocalPool()
@@ -212,7 +219,7 @@ def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
 
 
 def _report(o: Any) -> None:
-    from .pipeline import EXIT_CASES_FAILED
+    from .preprocess.pipeline import EXIT_CASES_FAILED
 
     counts = o.counts or {}
     parts = []
@@ -250,7 +257,7 @@ def _report(o: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(datasets: tuple[str, ...], as_json: bool) -> None:
     """What the ledger says: counts per stage and configuration, failures, peak RAM, the last run, progress."""
-    from .status import build_status, render_status
+    from .commands.status import build_status, render_status
 
     try:
         reports = _with_ledgers(datasets, build_status)
@@ -273,8 +280,9 @@ def verify(datasets: tuple[str, ...], full: bool, as_json: bool, no_pbar: bool) 
 
     Exit code 0 when everything matches, 3 when problems were found (and withdrawn from the ledger).
     """
-    from .lock import DatasetLock
-    from .verify import render, verify as run_verify
+    from .commands.verify import render
+    from .commands.verify import verify as run_verify
+    from .io.lock import DatasetLock
 
     def one(layout: Any, ledger: Any) -> Any:
         with DatasetLock(layout.lock, layout.name):  # verify withdraws rows: no run may write meanwhile
@@ -303,9 +311,9 @@ def check(datasets: tuple[str, ...], full: bool, num_workers: Optional[int], as_
 
     Exit code 0 when no errors were found (warnings allowed), 3 when some were.
     """
-    from .check import agreement, as_dict, check_dataset, render
+    from .commands.check import agreement, as_dict, check_dataset, render
     from .dataset import layout_for
-    from .system import usable_cpus
+    from .execution.system import usable_cpus
 
     try:
         paths = Paths.from_environment()
@@ -332,7 +340,7 @@ def report(dataset: str, run_id: Optional[int], out_dir: Optional[str]) -> None:
     """Draw a run: memory against the budget over time, each case's duration and peak memory (PNG and HTML)."""
     from pathlib import Path
 
-    from .report import write_report
+    from .commands.report import write_report
 
     try:
         (files,) = _with_ledgers((dataset,), lambda layout, ledger: write_report(
@@ -358,11 +366,11 @@ def demo(folder: str, cases: int, num_workers: Optional[int], max_ram: Optional[
     """
     from pathlib import Path
 
+    from .commands.status import build_status, render_status
     from .config import MemoryBudget
     from .dataset import layout_for
-    from .demo import DemoSpec, make_dataset
     from .ledger.repository import Ledger
-    from .status import build_status, render_status
+    from .synthetic import DemoSpec, make_dataset
 
     root = Path(folder).resolve()
     paths = Paths(raw=str(root / "nnUNet_raw"), preprocessed=str(root / "nnUNet_preprocessed"))

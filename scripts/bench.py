@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import fresh, interpreter_startup, run_measured  # noqa: E402
 
 from nnresume.compare import compare_folders  # noqa: E402
-from nnresume.demo import DemoSpec, make_dataset  # noqa: E402
+from nnresume.synthetic import DemoSpec, make_dataset  # noqa: E402
 
 
 def _env(raw: Path, pp: Path) -> dict[str, str]:
@@ -154,8 +154,9 @@ def machine() -> str:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor()
-    import nnunetv2  # noqa: F401
     from importlib.metadata import version
+
+    import nnunetv2  # noqa: F401
 
     return (f"{psutil.cpu_count()} CPUs ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
             f"Python {platform.python_version()}, nnunetv2 {version('nnunetv2')}, torch {version('torch')}")

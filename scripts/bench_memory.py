@@ -26,7 +26,7 @@ from bench import machine, write_section  # noqa: E402
 from benchlib import can_make_memory_cgroup, fresh, run_in_fresh_cgroup, run_measured  # noqa: E402
 
 from nnresume.compare import compare_folders  # noqa: E402
-from nnresume.demo import DemoSpec, make_dataset  # noqa: E402
+from nnresume.synthetic import DemoSpec, make_dataset  # noqa: E402
 
 GIB, MIB = 2**30, 2**20
 BUDGET_SPEC = DemoSpec(dataset_id=951, name="MemBudget", num_cases=4, min_shape=(96, 320, 320),

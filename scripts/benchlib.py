@@ -21,7 +21,7 @@ from typing import Optional
 
 import psutil
 
-from nnresume.system import memory_cgroup_path
+from nnresume.execution.system import memory_cgroup_path
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import session_processes  # noqa: E402
 
 from nnresume.compare import compare_folders
-from nnresume.demo import DemoSpec, make_dataset
+from nnresume.synthetic import DemoSpec, make_dataset
 
 SPEC = DemoSpec(dataset_id=990, name="Kills", num_cases=8, seed=21)
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from nnresume.demo import DemoSpec, make_dataset
+from nnresume.synthetic import DemoSpec, make_dataset
 
 SMALL = DemoSpec(dataset_id=901, name="Small", num_cases=8, seed=11)
 MULTI = DemoSpec(dataset_id=902, name="Multi", num_cases=6, channels=("CT", "T2"), seed=12)

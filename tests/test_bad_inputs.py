@@ -98,7 +98,7 @@ def test_each_bad_case_fails_alone_with_a_clear_message(raw_root: Path, tmp_path
 
 def test_nan_and_infinite_values(tmp_path: Path) -> None:
     """ITK's NIfTI reader turns NaN into 0 before nnU-Net sees it; in MetaImage files NaN arrives as NaN."""
-    from nnresume.demo import DemoSpec, make_dataset
+    from nnresume.synthetic import DemoSpec, make_dataset
 
     spec = DemoSpec(dataset_id=904, name="Mha", num_cases=4, file_ending=".mha", seed=4)
     raw = tmp_path / "raw"

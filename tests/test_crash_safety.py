@@ -15,8 +15,17 @@ import pytest
 
 from nnresume.compare import compare_folders
 
-from .conftest import (BIG, BIG_ARGS, SMALL, References, done_outputs, ledger_query, run_nnresume, start_nnresume,
-                       wait_for)
+from .conftest import (
+    BIG,
+    BIG_ARGS,
+    SMALL,
+    References,
+    done_outputs,
+    ledger_query,
+    run_nnresume,
+    start_nnresume,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

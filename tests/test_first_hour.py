@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nnresume.demo import DemoSpec, make_dataset
+from nnresume.synthetic import DemoSpec, make_dataset
 
 from .conftest import env_for, ledger_query, nnresume_cmd, run_nnresume
 

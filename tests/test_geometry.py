@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnresume.demo import DemoSpec, make_dataset
+from nnresume.synthetic import DemoSpec, make_dataset
 
 from .test_readers import CELLS
 

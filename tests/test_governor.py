@@ -4,9 +4,20 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nnresume.memory import (GIB, MIB, Estimator, Readings, RunningCase, Thresholds, TreeSampler, Waiting,
-                             decide, default_budget, resampled_voxels)
-from nnresume.scheduler import MAX_DEATHS, Scheduler
+from nnresume.execution.memory import (
+    GIB,
+    MIB,
+    Estimator,
+    Readings,
+    RunningCase,
+    Thresholds,
+    TreeSampler,
+    Waiting,
+    decide,
+    default_budget,
+    resampled_voxels,
+)
+from nnresume.execution.scheduler import MAX_DEATHS, Scheduler
 
 TH = Thresholds(reserve=512 * MIB)
 

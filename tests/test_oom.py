@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nnresume.compare import compare_folders
-from nnresume.demo import DemoSpec, make_dataset
+from nnresume.synthetic import DemoSpec, make_dataset
 
 from .conftest import env_for, run_nnunet
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from nnresume.compare import compare_folders
-from nnresume.demo import DemoSpec, make_dataset
+from nnresume.synthetic import DemoSpec, make_dataset
 
 from .conftest import env_for, run_nnresume
 

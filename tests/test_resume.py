@@ -12,7 +12,7 @@ import pytest
 
 from nnresume.compare import compare_folders
 
-from .conftest import (SMALL, References, done_outputs, ledger_query, run_nnresume, start_nnresume, wait_for)
+from .conftest import SMALL, References, done_outputs, ledger_query, run_nnresume, start_nnresume, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnresume import blobs, validate
 from nnresume.errors import CaseError
+from nnresume.io import blobs
+from nnresume.worker import validate
 
 
 def _nifti(path: Path, shape: tuple[int, ...] = (20, 30, 40), dtype: type = np.int16) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 
 from nnresume.compare import compare_folders
 
-from .conftest import (BIG, BIG_ARGS, SMALL, References, ledger_query, run_nnresume, start_nnresume, wait_for)
+from .conftest import BIG, BIG_ARGS, SMALL, References, ledger_query, run_nnresume, start_nnresume, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from kill_campaign import workers_of  # noqa: E402

@@ -12,10 +12,22 @@ from typing import Any, Iterable, Optional
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from .. import crashpoints
+from ..io import crashpoints
 from . import engine as engine_mod
-from .models import (Artifact, Attempt, Case, Configuration, Finding, Fingerprint, InputFile, MemorySample, Output,
-                     Run, RunStatus, TaskState)
+from .models import (
+    Artifact,
+    Attempt,
+    Case,
+    Configuration,
+    Finding,
+    Fingerprint,
+    InputFile,
+    MemorySample,
+    Output,
+    Run,
+    RunStatus,
+    TaskState,
+)
 
 
 @dataclass

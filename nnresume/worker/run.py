@@ -11,25 +11,44 @@ orchestrator learns of it from the process sentinel.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import errno
+import hashlib
 import os
 import shutil
 import signal
 import time
 import traceback
-
-import numpy as np
 from typing import Any, Callable, Optional
 
-from . import atomic_io, blobs, crashpoints, dataset, geometry, validate
-from .errors import CaseError, InputChangedError
-from .errors import NnresumeError
-from .tasks import (AggregateTask, CaseWarning, ClassCheckTask, DatasetResult, FingerprintResult, FingerprintTask, InputFileInfo, IntegrityTask,
-                    OutputResult, PlanTask, PreprocessTask, ReaderTask, StagedFile, Target, TaskFailed, TaskFinished)
+import numpy as np
+
+from .. import dataset, geometry
+from ..errors import CaseError, InputChangedError, NnresumeError
+from ..io import atomic, blobs, crashpoints
+from ..tasks import (
+    AggregateTask,
+    CaseWarning,
+    ClassCheckTask,
+    DatasetResult,
+    FingerprintResult,
+    FingerprintTask,
+    InputFileInfo,
+    IntegrityTask,
+    OutputResult,
+    PlanTask,
+    PreprocessTask,
+    ReaderTask,
+    StagedFile,
+    Target,
+    TaskFailed,
+    TaskFinished,
+)
 
 # Importing the adapter here makes the forkserver preload nnunetv2 once for every worker it forks.
-from . import nnunet  # noqa: E402
+from . import (
+    nnunet,  # noqa: E402
+    validate,
+)
 
 PR_SET_PDEATHSIG = 1
 
@@ -81,7 +100,7 @@ def _stat(case: str, path: str) -> os.stat_result:
 
 def _hash(case: str, path: str) -> str:
     try:
-        return atomic_io.file_digest(path)
+        return atomic.file_digest(path)
     except OSError as e:
         raise CaseError(case, f"cannot read file: {e.strerror}", path) from None
 
@@ -93,9 +112,9 @@ def _stage_files(staging_dir: str, case: str, names: list[str], write: Callable[
     staged = []
     for name in names:
         path = os.path.join(staging_dir, name)
-        atomic_io.fsync_file(path)
-        staged.append(StagedFile(name, path, os.path.getsize(path), atomic_io.file_digest(path)))
-    atomic_io.fsync_dir(staging_dir)
+        atomic.fsync_file(path)
+        staged.append(StagedFile(name, path, os.path.getsize(path), atomic.file_digest(path)))
+    atomic.fsync_dir(staging_dir)
     crashpoints.reached("staged")
     return tuple(staged)
 
@@ -245,8 +264,8 @@ def _disk_full(path: str) -> bool:
 
 
 def _staged(path: str) -> StagedFile:
-    atomic_io.fsync_file(path)
-    staged = StagedFile(os.path.basename(path), path, os.path.getsize(path), atomic_io.file_digest(path))
+    atomic.fsync_file(path)
+    staged = StagedFile(os.path.basename(path), path, os.path.getsize(path), atomic.file_digest(path))
     crashpoints.reached("staged")
     return staged
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from multiprocessing import forkserver
 from typing import Any, Optional, Protocol, Union
 
-from .tasks import Death, Message, TaskFailed, TaskFinished
+from ...tasks import Death, Message, TaskFailed, TaskFinished
 
 log = logging.getLogger(__name__)
 
-PRELOAD = ["nnresume.forkserver_preload"]
+PRELOAD = ["nnresume.execution.pools.forkserver_preload"]
 
 
 @dataclass
@@ -69,7 +69,7 @@ class _Worker:
 def _worker_main(conn: Any, task: Any) -> None:
     """Runs in the child. The import is free there (the forkserver preloaded it); keeping it out of the parent spares
     the orchestrator importing nnunetv2 on runs that only hash files."""
-    from .worker import worker_main
+    from ...worker.run import worker_main
 
     worker_main(conn, task)
 

@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from . import atomic_io
-from .dataset import GT_IDENTIFIER, DatasetLayout
-from .ledger.models import TaskState
-from .ledger.repository import Ledger
+from ..dataset import GT_IDENTIFIER, DatasetLayout
+from ..io import atomic
+from ..ledger.models import TaskState
+from ..ledger.repository import Ledger
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _check_file(path: Path, size: Optional[int], sha256: Optional[str], full: bo
         return f"size {actual} instead of {size} (truncated or replaced)"
     if not full:
         return None
-    if sha256 and atomic_io.file_digest(path) != sha256:
+    if sha256 and atomic.file_digest(path) != sha256:
         return "checksum differs from the one recorded when it was written (corrupted or replaced)"
     try:
         if path.name.endswith(".b2nd"):

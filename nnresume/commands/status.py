@@ -10,11 +10,11 @@ import time
 from datetime import datetime
 from typing import Any, Optional
 
-from .config import format_bytes
-from .dataset import GT_IDENTIFIER, DatasetLayout
-from .ledger.models import RunStatus, TaskState
-from .ledger.repository import Ledger
-from .lock import DatasetLock, holder_alive
+from ..config import format_bytes
+from ..dataset import GT_IDENTIFIER, DatasetLayout
+from ..io.lock import DatasetLock, holder_alive
+from ..ledger.models import RunStatus, TaskState
+from ..ledger.repository import Ledger
 
 STATES = [s.value for s in TaskState]
 

@@ -15,16 +15,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import atomic_io
-from .config import close_matches
+from ..config import close_matches
+from ..dataset import GT_IDENTIFIER, CaseFiles, config_hash, gt_hash, output_names, resolve_configuration
+from ..errors import UsageError
+from ..execution.memory import preprocess_units
+from ..execution.scheduler import QueueItem, Scheduler
+from ..io import atomic
+from ..ledger.models import TaskState
+from ..ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
+from ..tasks import InputFileInfo, OutputResult, PreprocessTask, Target
 from .context import RunContext, place_files
-from .dataset import GT_IDENTIFIER, CaseFiles, config_hash, gt_hash, output_names, resolve_configuration
-from .errors import UsageError
-from .ledger.models import TaskState
-from .ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
-from .memory import preprocess_units
-from .scheduler import QueueItem, Scheduler
-from .tasks import InputFileInfo, OutputResult, PreprocessTask, Target
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def output_reason(ctx: RunContext, out: Optional[OutputRecord], digest: Optional
             return f"output missing: {f['name']}"
         if size != f["size"]:
             return f"output size differs: {f['name']}"
-        if ctx.settings.verify_outputs and atomic_io.file_digest(path) != f["sha256"]:
+        if ctx.settings.verify_outputs and atomic.file_digest(path) != f["sha256"]:
             return f"output checksum differs: {f['name']}"
     return None
 
@@ -223,7 +223,7 @@ def sweep_unvouched(ctx: RunContext, scope: list[ConfigurationRecord], file_endi
                     removed += 1
                     log.debug("removed %s: no ledger entry vouches for it", entry.path)
         if removed:
-            atomic_io.fsync_dir(folder)
+            atomic.fsync_dir(folder)
     if removed:
         log.info("Removed %d file(s) from the data folders that no ledger entry vouches for", removed)
     return removed

@@ -16,10 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import format_bytes
-from .dataset import DatasetLayout
-from .errors import NnresumeError
-from .ledger.repository import Ledger
+from ..config import format_bytes
+from ..dataset import DatasetLayout
+from ..errors import NnresumeError
+from ..ledger.repository import Ledger
 
 GB = 2**30
 MIB = 2**20

@@ -19,10 +19,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 from tqdm import tqdm
 
-from . import validate
-from .dataset import CaseFiles, DatasetLayout, list_cases, load_dataset_json, orphan_labels
-from .geometry import geometry, likely_reader, read_header
-from .errors import CaseError, NnresumeError
+from ..dataset import CaseFiles, DatasetLayout, list_cases, load_dataset_json, orphan_labels
+from ..errors import CaseError, NnresumeError
+from ..geometry import geometry, likely_reader, read_header
+from ..worker import validate
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _header_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any]) ->
 
 def _pixel_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any], reader: str) -> list[Finding]:
     """Reads the case through nnU-Net's reader as the fingerprint stage does: its errors, then its warnings."""
-    from .worker import inspect_case
+    from ..worker.run import inspect_case
 
     out: list[Finding] = []
     warnings = _collect(out, case, lambda: inspect_case(case, list(files.images), files.label, dataset_json, reader))
@@ -146,7 +146,7 @@ def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: boo
 
     reader = None
     if full:
-        from . import nnunet
+        from ..worker import nnunet
 
         examples = [c.images[0] for c in cases.values() if c.images][:20]
         reader = _collect(result.findings, None, lambda: nnunet.reader_writer_name(dataset_json, examples))
@@ -185,7 +185,7 @@ def _check_preprocessed(layout: DatasetLayout, result: DatasetCheck) -> None:
             continue
         if not isinstance(plans, dict) or "configurations" not in plans:
             continue
-        from .dataset import resolve_configuration
+        from ..dataset import resolve_configuration
 
         for name in plans["configurations"]:
             try:
@@ -200,8 +200,8 @@ def _check_preprocessed(layout: DatasetLayout, result: DatasetCheck) -> None:
                                  f"in dataset.json; nnU-Net would fail with an IndexError in normalisation",
                     ))
     if layout.ledger.is_file():
-        from .ledger.models import TaskState
-        from .ledger.repository import Ledger
+        from ..ledger.models import TaskState
+        from ..ledger.repository import Ledger
 
         ledger = Ledger.open(str(layout.ledger), create=False)
         try:

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import atomic_io, crashpoints
-from .config import PreprocessSettings
-from .dataset import DatasetLayout
-from .ledger.repository import Ledger
-from .memory import Estimator
-from .pool import LocalPool
-from .progress import StageProgress
-from .runner import Runner, StopFlag
+from ..config import PreprocessSettings
+from ..dataset import DatasetLayout
+from ..execution.memory import Estimator
+from ..execution.pools.local import LocalPool
+from ..execution.runner import Runner, StopFlag
+from ..io import atomic, crashpoints
+from ..ledger.repository import Ledger
+from ..progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,12 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None) -> N
     created = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     if created:
-        atomic_io.fsync_dir(folder.parent)
+        atomic.fsync_dir(folder.parent)
     for i, f in enumerate(files):
         os.replace(f.staged_path, folder / f.name)
         if i == 0 and len(files) > 1:
             crashpoints.reached("between_renames")
-    atomic_io.fsync_dir(folder)
+    atomic.fsync_dir(folder)
     crashpoints.reached("renamed")
 
 
@@ -102,7 +102,7 @@ def place_artifact(staged: Any, final: Path, crash_point: str) -> None:
     """Moves a staged dataset-level file (fingerprint JSON, plans) onto its final name, durably."""
     crashpoints.reached(crash_point)
     os.replace(staged.staged_path, final)
-    atomic_io.fsync_dir(final.parent)
+    atomic.fsync_dir(final.parent)
 
 
 def stat_matches(path: Path, size: Optional[int]) -> bool:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import psutil
 
-from . import geometry, system
+from .. import geometry
+from . import system
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import psutil
 
-from .errors import LockedError
+from ..errors import LockedError
 
 
 def process_started_at(pid: int) -> Optional[float]:

@@ -18,20 +18,21 @@ from pathlib import Path
 from types import MethodType
 from typing import Any, Callable, Optional
 
-import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
-
 import nnunetv2
 import nnunetv2.paths
-from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
-                                                     recursive_find_reader_writer_by_name)
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from nnunetv2.imageio.reader_writer_registry import (
+    determine_reader_writer_from_dataset_json,
+    recursive_find_reader_writer_by_name,
+)
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from . import atomic_io
-from .errors import DatasetError, UsageError
+from ..errors import DatasetError, UsageError
+from ..io import atomic
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def _staged_save_plans(staging: str, written: list[str]) -> Callable[[Any, dict]
         os.makedirs(staging, exist_ok=True)
         staged = os.path.join(staging, self.plans_identifier + '.json')
         save_json(plans, staged, sort_keys=False)
-        atomic_io.fsync_file(staged)
+        atomic.fsync_file(staged)
         written.append(staged)
     return save_plans
 
@@ -265,7 +266,7 @@ def _one_pass_case_listing() -> Any:
     that takes minutes. `dataset.list_cases` gives the same result in one pass (tests/test_dataset.py)."""
     from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner as dep
 
-    from .dataset import list_cases
+    from ..dataset import list_cases
 
     def listing(raw_dataset_folder: str, dataset_json: Optional[dict] = None) -> dict:
         if dataset_json is None:

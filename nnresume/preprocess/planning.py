@@ -13,11 +13,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from . import atomic_io
+from ..dataset import key_of
+from ..errors import DatasetError
+from ..io import atomic
+from ..tasks import PlanTask
 from .context import RunContext, place_artifact
-from .dataset import key_of
-from .errors import DatasetError
-from .tasks import PlanTask
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ DATASET_JSON = "dataset.json"
 
 
 def _digest_or_none(path: Path) -> str | None:
-    return atomic_io.file_digest(path) if path.is_file() else None
+    return atomic.file_digest(path) if path.is_file() else None
 
 
 def plans_key(ctx: RunContext, fingerprint_sha: str) -> str:
@@ -59,7 +59,7 @@ def up_to_date_plans(ctx: RunContext, fingerprint_sha: str) -> tuple[Path, dict[
     if not path.is_file() or _digest_or_none(copied) != _digest_or_none(ctx.layout.raw / DATASET_JSON):
         return None
     plans = load_plans(path)
-    if atomic_io.file_digest(path) != art.sha256:
+    if atomic.file_digest(path) != art.sha256:
         log.info("%s was edited since it was planned; using it as it is", path.name)
     return path, plans
 
@@ -75,8 +75,8 @@ def plan(ctx: RunContext, fingerprint_sha: str, reader_writer: str | None = None
     path = ctx.layout.preprocessed / f"{identifier}.json"
     place_artifact(result.staged, path, "plans_write")
     # the planner copies dataset.json with a plain copy; make sure a complete copy is what stays
-    atomic_io.copy_file(ctx.layout.raw / DATASET_JSON, ctx.layout.preprocessed / DATASET_JSON, ctx.staging)
-    ctx.ledger.set_artifact(PLANS, plans_key(ctx, fingerprint_sha), path.stat().st_size, atomic_io.file_digest(path),
+    atomic.copy_file(ctx.layout.raw / DATASET_JSON, ctx.layout.preprocessed / DATASET_JSON, ctx.staging)
+    ctx.ledger.set_artifact(PLANS, plans_key(ctx, fingerprint_sha), path.stat().st_size, atomic.file_digest(path),
                             ctx.run_id, {"plans_identifier": identifier, "planner": s.planner})
     log.info("Plans written to %s", path)
     return path, load_plans(path)

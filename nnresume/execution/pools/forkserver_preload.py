@@ -26,4 +26,4 @@ if _main:
     _stand_in.__file__ = _main
     sys.modules["__main__"] = sys.modules["__mp_main__"] = _stand_in
 
-from . import worker  # noqa: E402,F401  (the preload: nnunetv2 is imported once, here)
+from ...worker import run  # noqa: E402,F401  (the preload: nnunetv2 is imported once, here)

@@ -13,16 +13,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import atomic_io
-from .config import format_bytes
+from ..config import format_bytes
+from ..dataset import OUTPUT_FORMAT_VERSION, CaseFiles, key_of, num_channels, num_foreground_samples_per_case
+from ..errors import DatasetError
+from ..execution.memory import fingerprint_units
+from ..execution.scheduler import QueueItem, Scheduler
+from ..io import atomic
+from ..ledger.models import TaskState
+from ..ledger.repository import CaseRecord, FileRecord, FindingRecord
+from ..tasks import AggregateTask, FingerprintResult, FingerprintTask, InputFileInfo
 from .context import RunContext, place_artifact, place_files, stat_matches
-from .dataset import OUTPUT_FORMAT_VERSION, CaseFiles, key_of, num_channels, num_foreground_samples_per_case
-from .errors import DatasetError
-from .memory import fingerprint_units
-from .ledger.models import TaskState
-from .ledger.repository import CaseRecord, FileRecord, FindingRecord
-from .scheduler import QueueItem, Scheduler
-from .tasks import AggregateTask, FingerprintResult, FingerprintTask, InputFileInfo
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles
                   "channels": num_channels(dataset_json)})
     target = ctx.layout.fingerprint_json
     art = ctx.ledger.get_artifact(FINGERPRINT_JSON)
-    if art is not None and art.key == key and target.is_file() and atomic_io.file_digest(target) == art.sha256:
+    if art is not None and art.key == key and target.is_file() and atomic.file_digest(target) == art.sha256:
         log.debug("dataset fingerprint up to date")
         return art.sha256, left_out
     need = (num_channels(dataset_json) + 2) * 4 * 10**8

@@ -10,10 +10,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import stage_fingerprint, stage_plan, stage_preprocess
-from .config import Paths, PreprocessSettings
-from .dataset import DatasetLayout, layout_for, list_cases, load_dataset_json, nnunetv2_version, orphan_labels
-from .ledger.repository import ArtifactRecord, Ledger
+from ..config import Paths, PreprocessSettings
+from ..dataset import DatasetLayout, layout_for, list_cases, load_dataset_json, nnunetv2_version, orphan_labels
+from ..ledger.repository import ArtifactRecord, Ledger
+from ..preprocess import fingerprint, outputs, planning
 
 
 @dataclass
@@ -66,7 +66,7 @@ def plan_dry_run(settings: PreprocessSettings, paths: Paths, name_or_id: str) ->
             out.problems.append(f"dataset.json says numTraining={dataset_json['numTraining']} but {len(cases)} "
                                 "training case(s) were found")
         out.removed = sorted(n for n in records if n not in cases and n not in orphans)
-        fplan = stage_fingerprint.plan_fingerprints(ctx, cases, records, dataset_json)  # type: ignore[arg-type]
+        fplan = fingerprint.plan_fingerprints(ctx, cases, records, dataset_json)  # type: ignore[arg-type]
         for w in fplan.work:
             out.fingerprint.setdefault(_category(w.reason), []).append(w.case)
         out.fingerprint_up_to_date = fplan.up_to_date
@@ -74,9 +74,9 @@ def plan_dry_run(settings: PreprocessSettings, paths: Paths, name_or_id: str) ->
             out.notes.append("files whose size or time changed would be hashed: if their content is unchanged, "
                              "nothing more is redone for them")
 
-        art = ctx.ledger.get_artifact(stage_fingerprint.FINGERPRINT_JSON)
+        art = ctx.ledger.get_artifact(fingerprint.FINGERPRINT_JSON)
         fp_ok = art is not None and layout.fingerprint_json.is_file() and not fplan.work and not out.removed
-        current = stage_plan.up_to_date_plans(ctx, art.sha256) if fp_ok and art else None  # type: ignore[arg-type]
+        current = planning.up_to_date_plans(ctx, art.sha256) if fp_ok and art else None  # type: ignore[arg-type]
         if current is not None:
             out.plans = f"up to date ({current[0].name})"
             plans: Optional[dict[str, Any]] = current[1]
@@ -85,18 +85,18 @@ def plan_dry_run(settings: PreprocessSettings, paths: Paths, name_or_id: str) ->
                          else "would be made: no plans recorded for these arguments" if not settings.replan
                          else "would be made: --replan")
             plans = None
-            art_plans = ctx.ledger.get_artifact(stage_plan.PLANS)
+            art_plans = ctx.ledger.get_artifact(planning.PLANS)
             if art_plans and art_plans.details:
                 path = layout.preprocessed / f"{art_plans.details['plans_identifier']}.json"
                 if path.is_file():
-                    plans = stage_plan.load_plans(path)
+                    plans = planning.load_plans(path)
                     out.notes.append("outputs below are judged against the current plans; new plans may change "
                                      "more configurations")
         if plans is None:
             out.notes.append("no plans yet: every case would be preprocessed in every configuration the plans make")
             return out
-        scope = stage_preprocess.configurations_in_scope(ctx, plans, dataset_json)  # type: ignore[arg-type]
-        pplan = stage_preprocess.plan_outputs(ctx, cases, records, plans, scope)  # type: ignore[arg-type]
+        scope = outputs.configurations_in_scope(ctx, plans, dataset_json)  # type: ignore[arg-type]
+        pplan = outputs.plan_outputs(ctx, cases, records, plans, scope)  # type: ignore[arg-type]
         names = {c.data_identifier: c.configuration for c in scope}
         grouped: dict[str, dict[str, list[str]]] = defaultdict(dict)
         for w in pplan.work:

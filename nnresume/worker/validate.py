@@ -28,8 +28,8 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import CaseError
-from .tasks import CaseWarning
+from ..errors import CaseError
+from ..tasks import CaseWarning
 
 T = TypeVar("T")
 

@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
-from .config import format_bytes
-from .ledger.models import TaskState
-from .ledger.repository import AttemptRecord, MemorySampleRecord
+from ..config import format_bytes
+from ..errors import DatasetError, Interrupted, NnresumeError, UsageError
+from ..ledger.models import TaskState
+from ..ledger.repository import AttemptRecord, MemorySampleRecord
+from ..tasks import DatasetResult, Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
 from .memory import DEFAULT_THRESHOLDS, Estimator, Readings, RunningCase, Thresholds, TreeSampler, decide
-from .pool import Ended, LocalPool, Received, describe_signal
+from .pools.local import Ended, LocalPool, Received, describe_signal
 from .scheduler import QueueItem, Scheduler
-from .errors import DatasetError, Interrupted, NnresumeError, UsageError
-from .tasks import DatasetResult, Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
 
 log = logging.getLogger(__name__)
 

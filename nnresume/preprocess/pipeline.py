@@ -20,24 +20,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import __version__, system
-from .config import STANDARD_CONFIGURATIONS, Paths, PreprocessSettings, check_budget, close_matches, format_bytes
-from .context import RunContext
-from .dataset import (GT_IDENTIFIER, CaseFiles, DatasetLayout, key_of, layout_for, list_cases, load_dataset_json,
-                      nnunetv2_version, orphan_labels)
-from .geometry import read_header
 from sqlalchemy.exc import OperationalError
 
-from .errors import DatasetError, Interrupted, NnresumeError, UsageError
-from .ledger.models import RunStatus, TaskState
-from .ledger.repository import CaseRecord, FindingRecord, Ledger
-from .lock import DatasetLock, process_started_at
-from .memory import resolve_budget
-from .pool import LocalPool
-from .progress import add_run_log, remove_handler
-from .runner import StageStats, StopFlag
-from .tasks import ClassCheckTask, IntegrityTask, ReaderTask
-from . import stage_fingerprint, stage_plan, stage_preprocess
+from .. import __version__
+from ..config import STANDARD_CONFIGURATIONS, Paths, PreprocessSettings, check_budget, close_matches, format_bytes
+from ..dataset import (
+    GT_IDENTIFIER,
+    CaseFiles,
+    DatasetLayout,
+    key_of,
+    layout_for,
+    list_cases,
+    load_dataset_json,
+    nnunetv2_version,
+    orphan_labels,
+)
+from ..errors import DatasetError, Interrupted, NnresumeError, UsageError
+from ..execution import system
+from ..execution.memory import resolve_budget
+from ..execution.pools.local import LocalPool
+from ..execution.runner import StageStats, StopFlag
+from ..geometry import read_header
+from ..io.lock import DatasetLock, process_started_at
+from ..ledger.models import RunStatus, TaskState
+from ..ledger.repository import CaseRecord, FindingRecord, Ledger
+from ..progress import add_run_log, remove_handler
+from ..tasks import ClassCheckTask, IntegrityTask, ReaderTask
+from . import fingerprint, outputs, planning
+from .context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +166,7 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
     gone = [n for n in records if n not in cases and n not in orphans]
     if gone:
         for n in gone:
-            stage_preprocess.remove_case_outputs(ctx, n, records[n], dataset_json["file_ending"])
+            outputs.remove_case_outputs(ctx, n, records[n], dataset_json["file_ending"])
         ledger.remove_cases(gone)
         log.info("Removed the outputs of %d case(s) no longer in the raw dataset: %s", len(gone),
                  ", ".join(gone[:10]) + (" ..." if len(gone) > 10 else ""))
@@ -165,26 +175,26 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
         log.info("Checking dataset integrity with nnU-Net's verify_dataset_integrity")
         ctx.run_one(IntegrityTask(f"integrity-{ctx.run_id}", str(layout.raw), ctx.workers))
 
-    fplan = stage_fingerprint.plan_fingerprints(ctx, cases, records, dataset_json)
+    fplan = fingerprint.plan_fingerprints(ctx, cases, records, dataset_json)
     if fplan.work:
         ctx.get_pool()  # the forkserver imports nnunetv2 while we read headers
         _read_missing_headers(ledger, cases, records)
         reader = _reader_writer(ctx, dataset_json, cases)
         log.info("Fingerprint: %d case(s) to analyse, %d up to date", len(fplan.work), fplan.up_to_date)
-        stats = stage_fingerprint.run_fingerprints(ctx, fplan, records, dataset_json, reader)
+        stats = fingerprint.run_fingerprints(ctx, fplan, records, dataset_json, reader)
         _check_halted(ctx, stats)
         records = ledger.load_cases()
     if s.strict:
         _strict(ctx, records)
         records = ledger.load_cases()
-    fingerprint_sha, _ = stage_fingerprint.aggregate(ctx, fplan, cases, dataset_json, records)
+    fingerprint_sha, _ = fingerprint.aggregate(ctx, fplan, cases, dataset_json, records)
     if ctx.stop:
         raise Interrupted(ctx.stop.signal_name or "signal", ctx.stop.exit_code)
 
     plans_path, plans = _plan(ctx, fingerprint_sha, dataset_json, cases)
-    scope = stage_preprocess.configurations_in_scope(ctx, plans, dataset_json)
+    scope = outputs.configurations_in_scope(ctx, plans, dataset_json)
     ledger.set_configurations(scope)
-    pplan = stage_preprocess.plan_outputs(ctx, cases, records, plans, scope)
+    pplan = outputs.plan_outputs(ctx, cases, records, plans, scope)
     if pplan.blocked:
         rows = [(n, c.data_identifier, c.configuration) for n in pplan.blocked for c in scope]
         ledger.ensure_outputs(rows)
@@ -195,21 +205,21 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
         ctx.get_pool()
         names = ", ".join(c.configuration for c in scope if c.data_identifier != GT_IDENTIFIER)
         log.info("Preprocess (%s): %d case(s) to do, %d up to date", names, len(pplan.work), pplan.up_to_date)
-        stats = stage_preprocess.run_outputs(ctx, pplan, records, plans, dataset_json)
+        stats = outputs.run_outputs(ctx, pplan, records, plans, dataset_json)
         _check_halted(ctx, stats)
     if pplan.work or pplan.blocked:
         records = ledger.load_cases()
-    stage_preprocess.sweep_unvouched(ctx, scope, dataset_json["file_ending"], records)
+    outputs.sweep_unvouched(ctx, scope, dataset_json["file_ending"], records)
     return records
 
 
 def _plan(ctx: RunContext, fingerprint_sha: str, dataset_json: dict[str, Any],
           cases: dict[str, CaseFiles]) -> tuple[Any, dict[str, Any]]:
-    current = stage_plan.up_to_date_plans(ctx, fingerprint_sha)
+    current = planning.up_to_date_plans(ctx, fingerprint_sha)
     if current is not None:
         return current
     reader = _reader_writer(ctx, dataset_json, cases)
-    return stage_plan.plan(ctx, fingerprint_sha, reader)
+    return planning.plan(ctx, fingerprint_sha, reader)
 
 
 def failure_lines(records: dict[str, CaseRecord], scope_idents: Optional[set[str]] = None,
@@ -232,7 +242,7 @@ def failure_lines(records: dict[str, CaseRecord], scope_idents: Optional[set[str
 def check_configuration_names(settings: PreprocessSettings, layout: DatasetLayout) -> None:
     """A -c name no plans can contain is a typo: say so before any work. Known names are those of nnU-Net's own
     planners and of plans files already in the preprocessed folder; with a custom planner and no plans yet, the
-    check waits for the plans (stage_preprocess.configurations_in_scope)."""
+    check waits for the plans (outputs.configurations_in_scope)."""
     if not settings.explicit_configurations:
         return
     known = set(STANDARD_CONFIGURATIONS)
