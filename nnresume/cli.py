@@ -1,6 +1,7 @@
-"""The `nnresume` command. Each command parses options, calls one library function, and maps errors to exit codes.
+"""The `nnresume` command. Each command parses options and calls one library function; errors become exit codes in
+one place (`NnresumeGroup.invoke`).
 
-Exit codes: 0 done; 1 error (the run could not go on); 2 usage; 3 finished, but some cases failed or are
+Exit codes (errors.py): 0 done; 1 error (the run could not go on); 2 usage; 3 finished, but some cases failed or are
 quarantined; 130 stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM (e.g. a scheduler's time limit).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .config import (
     parse_memory,
     parse_spacing,
 )
-from .errors import NnresumeError
+from .errors import EXIT_CASES_FAILED, EXIT_ERROR, EXIT_OK, NnresumeError
 from .execution.runner import StopFlag
 
 log = logging.getLogger("nnresume")
@@ -61,12 +62,12 @@ def _is_number(token: str) -> bool:
         return False
 
 
-def _with_ledgers(datasets: tuple[str, ...], fn: Any) -> list[Any]:
+def _with_ledgers(datasets: tuple[str, ...], fn: Any, paths: Optional[Paths] = None) -> list[Any]:
     """`fn(layout, ledger)` for each dataset's existing ledger; the ledger is closed whatever happens."""
     from .dataset import layout_for
     from .ledger.repository import Ledger
 
-    paths = Paths.for_reading()
+    paths = paths or Paths.for_reading()
     out = []
     for d in datasets:
         layout = layout_for(d, paths.raw, paths.preprocessed)
@@ -82,14 +83,29 @@ def _echo_json(items: list[Any]) -> None:
     click.echo(json.dumps(items[0] if len(items) == 1 else items, indent=2))
 
 
-def _fail(e: NnresumeError) -> None:
-    click.echo(f"nnresume: {e.message}", err=True)
-    if e.hint:
-        click.echo(f"  hint: {e.hint}", err=True)
-    sys.exit(e.exit_code)
+class NnresumeGroup(click.Group):
+    """Turns an NnresumeError from any command into its message, hint and exit code, and anything unexpected into
+    an internal error (exit code 1) whose traceback goes to the debug log, never to the terminal."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NnresumeError as e:
+            click.echo(f"nnresume: {e.message}", err=True)
+            if e.hint:
+                click.echo(f"  hint: {e.hint}", err=True)
+            sys.exit(e.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            log.error("nnresume: internal error: %s: %s", type(e).__name__, e)
+            log.error("  the ledger is consistent; run the same command again to resume. The full traceback is in "
+                      "the run's log file (see `nnresume status`).")
+            log.debug("traceback", exc_info=True)
+            sys.exit(EXIT_ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=NnresumeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="nnresume")
 @click.option("-v", "--verbose", is_flag=True, help="Show debug messages, nnU-Net's own output included.")
 @click.pass_context
@@ -149,38 +165,33 @@ def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], plann
     """Fingerprint, plan and preprocess datasets, resuming whatever an earlier run left unfinished."""
     from .config import MemoryBudget
 
-    try:
-        paths = Paths.from_environment()
-        settings = PreprocessSettings(
-            datasets=datasets, configurations=configurations or DEFAULT_CONFIGURATIONS,
-            explicit_configurations=bool(configurations), planner=planner,
-            fingerprint_extractor=fingerprint_extractor, gpu_memory_target=gpu_memory_target,
-            overwrite_plans_name=overwrite_plans_name,
-            overwrite_target_spacing=parse_spacing(overwrite_target_spacing), preprocessor_name=preprocessor_name,
-            verify_dataset_integrity=verify_integrity, num_workers=num_workers,
-            num_workers_fingerprint=num_workers_fingerprint,
-            max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(), progress_bar=not no_pbar,
-            verify_outputs=verify_outputs, retry_quarantined=retry_quarantined, replan=replan,
-            grace_seconds=grace_seconds, dry_run=dry_run, strict=strict)
-        if settings.max_ram.bytes is not None:
-            check_budget(settings.max_ram.bytes, settings.max_ram)
-    except NnresumeError as e:
-        _fail(e)
-        return
+    paths = Paths.from_environment()
+    settings = PreprocessSettings(
+        datasets=datasets, configurations=configurations or DEFAULT_CONFIGURATIONS,
+        explicit_configurations=bool(configurations), planner=planner,
+        fingerprint_extractor=fingerprint_extractor, gpu_memory_target=gpu_memory_target,
+        overwrite_plans_name=overwrite_plans_name,
+        overwrite_target_spacing=parse_spacing(overwrite_target_spacing), preprocessor_name=preprocessor_name,
+        verify_dataset_integrity=verify_integrity, num_workers=num_workers,
+        num_workers_fingerprint=num_workers_fingerprint,
+        max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(), progress_bar=not no_pbar,
+        verify_outputs=verify_outputs, retry_quarantined=retry_quarantined, replan=replan,
+        grace_seconds=grace_seconds, dry_run=dry_run, strict=strict)
+    if settings.max_ram.bytes is not None:
+        check_budget(settings.max_ram.bytes, settings.max_ram)
     if dry_run:
         from .commands.dryrun import dry_run as run_dry
 
-        try:
-            for d in settings.datasets:
-                click.echo(run_dry(settings, paths, d))
-        except NnresumeError as e:
-            _fail(e)
+        for d in settings.datasets:
+            click.echo(run_dry(settings, paths, d))
         return
-    sys.exit(_preprocess(settings, paths))
+    sys.exit(preprocess_datasets(settings, paths))
 
 
-def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
-    from .preprocess.pipeline import EXIT_OK, run_dataset
+def preprocess_datasets(settings: PreprocessSettings, paths: Paths) -> int:
+    """Every dataset of `settings` in turn, with one local pool and signals turned into an orderly stop; returns
+    the exit code (the worst of the datasets', or the signal's)."""
+    from .preprocess.pipeline import run_dataset
 
     stop = StopFlag()
 
@@ -203,14 +214,6 @@ def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
             exit_code = max(exit_code, outcome.exit_code) if outcome.exit_code < 100 else outcome.exit_code
             if stop:
                 break
-    except NnresumeError as e:
-        _fail(e)
-    except Exception as e:
-        log.error("nnresume: internal error: %s: %s", type(e).__name__, e)
-        log.error("  the ledger is consistent; run the same command again to resume. The full traceback is in "
-                  "the run's log file (see `nnresume status`).")
-        log.debug("traceback", exc_info=True)
-        return 1
     finally:
         pool.shutdown()
         for s, h in previous.items():
@@ -219,13 +222,11 @@ def _preprocess(settings: PreprocessSettings, paths: Paths) -> int:
 
 
 def _report(o: Any) -> None:
-    from .preprocess.pipeline import EXIT_CASES_FAILED
-
     counts = o.counts or {}
     parts = []
     for stage, c in counts.items():
         parts.append(f"{stage}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
-    log.info("%s: %s in %.1f s", o.dataset, o.status.value.replace("_", " "), o.duration_s)
+    log.info("%s: %s in %.1f s", o.name, o.status.value.replace("_", " "), o.duration_s)
     for p in parts:
         log.info("  %s", p)
     if o.peak_tree:
@@ -244,7 +245,7 @@ def _report(o: Any) -> None:
         for line in o.warnings[:20]:
             log.warning("    %s", line)
         if len(o.warnings) > 20:
-            log.warning("    ... and %d more (nnresume status -d %s)", len(o.warnings) - 20, o.dataset)
+            log.warning("    ... and %d more (nnresume status -d %s)", len(o.warnings) - 20, o.name)
     if o.status.value == "interrupted":
         log.warning("  %s. Run the same command again to resume; finished cases are kept.", o.reason)
     elif o.exit_code == EXIT_CASES_FAILED:
@@ -259,11 +260,7 @@ def status(datasets: tuple[str, ...], as_json: bool) -> None:
     """What the ledger says: counts per stage and configuration, failures, peak RAM, the last run, progress."""
     from .commands.status import build_status, render_status
 
-    try:
-        reports = _with_ledgers(datasets, build_status)
-    except NnresumeError as e:
-        _fail(e)
-        return
+    reports = _with_ledgers(datasets, build_status)
     if as_json:
         _echo_json(reports)
     else:
@@ -288,16 +285,12 @@ def verify(datasets: tuple[str, ...], full: bool, as_json: bool, no_pbar: bool) 
         with DatasetLock(layout.lock, layout.name):  # verify withdraws rows: no run may write meanwhile
             return run_verify(layout, ledger, full, progress=not no_pbar and not as_json)
 
-    try:
-        reports = _with_ledgers(datasets, one)
-    except NnresumeError as e:
-        _fail(e)
-        return
+    reports = _with_ledgers(datasets, one)
     if as_json:
         _echo_json([r.as_dict() for r in reports])
     else:
         click.echo("\n\n".join(render(r) for r in reports))
-    sys.exit(3 if any(r.problems for r in reports) else 0)
+    sys.exit(EXIT_CASES_FAILED if any(r.problems for r in reports) else EXIT_OK)
 
 
 @main.command(cls=NnUNetStyleCommand)
@@ -315,20 +308,28 @@ def check(datasets: tuple[str, ...], full: bool, num_workers: Optional[int], as_
     from .dataset import layout_for
     from .execution.system import usable_cpus
 
+    paths = Paths.from_environment()
+    layouts = [layout_for(d, paths.raw, paths.preprocessed) for d in datasets]
+    pool = None
+    if full:  # cases are read in worker processes: the CLI never imports nnunetv2
+        from .execution.pools.local import LocalPool
+
+        os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
+        pool = LocalPool()
+        pool.warm_up()
     try:
-        paths = Paths.from_environment()
-        layouts = [layout_for(d, paths.raw, paths.preprocessed) for d in datasets]
-    except NnresumeError as e:
-        _fail(e)
-        return
-    results = [check_dataset(layout, full, num_workers or usable_cpus(), progress=not no_pbar and not as_json)
-               for layout in layouts]
+        results = [check_dataset(layout, full, num_workers or usable_cpus(), not no_pbar and not as_json, pool)
+                   for layout in layouts]
+    finally:
+        if pool is not None:
+            pool.shutdown()
     across = agreement(results)
     if as_json:
         click.echo(json.dumps(as_dict(results, across), indent=2))
     else:
         click.echo(render(results, across))
-    sys.exit(3 if any(r.errors for r in results) or any(f.level == "error" for f in across) else 0)
+    failed = any(r.errors for r in results) or any(f.level == "error" for f in across)
+    sys.exit(EXIT_CASES_FAILED if failed else EXIT_OK)
 
 
 @main.command(cls=NnUNetStyleCommand)
@@ -342,12 +343,8 @@ def report(dataset: str, run_id: Optional[int], out_dir: Optional[str]) -> None:
 
     from .commands.report import write_report
 
-    try:
-        (files,) = _with_ledgers((dataset,), lambda layout, ledger: write_report(
-            layout, ledger, Path(out_dir) if out_dir else layout.work / "reports", run_id))
-    except NnresumeError as e:
-        _fail(e)
-        return
+    (files,) = _with_ledgers((dataset,), lambda layout, ledger: write_report(
+        layout, ledger, Path(out_dir) if out_dir else layout.work / "reports", run_id))
     click.echo(f"{files.html}\n{files.png}")
 
 
@@ -366,34 +363,19 @@ def demo(folder: str, cases: int, num_workers: Optional[int], max_ram: Optional[
     """
     from pathlib import Path
 
-    from .commands.status import build_status, render_status
+    from .commands.demo import run_demo
     from .config import MemoryBudget
-    from .dataset import layout_for
-    from .ledger.repository import Ledger
-    from .synthetic import DemoSpec, make_dataset
 
-    root = Path(folder).resolve()
-    paths = Paths(raw=str(root / "nnUNet_raw"), preprocessed=str(root / "nnUNet_preprocessed"))
-    spec = DemoSpec(num_cases=cases)
-    if not (Path(paths.raw) / spec.folder_name / "dataset.json").is_file():
-        log.info("Writing %d synthetic cases to %s", cases, Path(paths.raw) / spec.folder_name)
-        make_dataset(spec, Path(paths.raw))
-    try:
-        settings = PreprocessSettings(datasets=(str(spec.dataset_id),), num_workers=num_workers,
-                                      max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(),
-                                      progress_bar=not no_pbar)
-    except NnresumeError as e:
-        _fail(e)
-        return
-    code = _preprocess(settings, paths)
-    layout = layout_for(str(spec.dataset_id), paths.raw, paths.preprocessed)
-    ledger = Ledger.open(str(layout.ledger), create=False)
-    try:
-        click.echo(render_status(build_status(layout, ledger)))
-    finally:
-        ledger.close()
+    settings = PreprocessSettings(datasets=(), num_workers=num_workers,
+                                  max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(),
+                                  progress_bar=not no_pbar)
+    from .commands.status import build_status, render_status
+
+    code, paths, dataset_id = run_demo(Path(folder), cases, settings, preprocess_datasets)
+    (status_report,) = _with_ledgers((dataset_id,), build_status, paths)
+    click.echo(render_status(status_report))
     click.echo(f"\nTo look further:  export nnUNet_raw={paths.raw} nnUNet_preprocessed={paths.preprocessed}; "
-               f"nnresume status -d {spec.dataset_id}")
+               f"nnresume status -d {dataset_id}")
     sys.exit(code)
 
 

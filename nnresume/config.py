@@ -108,7 +108,7 @@ class Paths:
     preprocessed: str
 
     @staticmethod
-    def from_environment() -> "Paths":
+    def from_environment() -> Paths:
         missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed") if not os.environ.get(v)]
         if missing:
             raise UsageError(f"environment variable {' and '.join(missing)} not set",
@@ -117,7 +117,7 @@ class Paths:
                      preprocessed=os.path.abspath(os.environ["nnUNet_preprocessed"]))
 
     @staticmethod
-    def for_reading() -> "Paths":
+    def for_reading() -> Paths:
         """For commands that read only the ledger and outputs (status, verify, report): nnUNet_raw is optional."""
         if not os.environ.get("nnUNet_preprocessed"):
             raise UsageError("environment variable nnUNet_preprocessed not set",

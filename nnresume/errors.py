@@ -15,6 +15,10 @@ def plain(text: str) -> str:
     return _NUMPY_SCALAR.sub(r"\1", text)
 
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CASES_FAILED = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
 class NnresumeError(Exception):
     """Base class. The CLI prints `message` and `hint` and exits with `exit_code`, without a traceback."""
 
@@ -76,3 +80,17 @@ class Interrupted(NnresumeError):
         super().__init__(f"stopped by {signal_name}", "run the same command again to resume")
         self.signal_name = signal_name
         self.exit_code = exit_code
+
+
+class DiskFullError(NnresumeError):
+    """No space left on the device that holds the outputs or the ledger; a rerun resumes once space is freed."""
+
+
+class WorkerDied(Exception):
+    """A dataset-level step's worker ended without reporting (a signal, an abnormal exit); the runner retries it.
+
+    Not an NnresumeError: it never reaches the user as such, only after the retries as one."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description

@@ -82,7 +82,8 @@ def _case_arrays(spec: DemoSpec, index: int) -> tuple[list[np.ndarray], np.ndarr
 
     centre = rng.uniform(-0.2, 0.2, size=3).astype(np.float32)
     radii = rng.uniform(0.35, 0.6, size=3).astype(np.float32)
-    organ = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 < 1
+    organ = (((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+             + ((x - centre[2]) / radii[2]) ** 2) < 1
     lesion_centre = centre + rng.uniform(-0.15, 0.15, size=3).astype(np.float32)
     lesion_r = radii * rng.uniform(0.2, 0.35)
     lesion = (((z - lesion_centre[0]) / lesion_r[0]) ** 2 + ((y - lesion_centre[1]) / lesion_r[1]) ** 2
@@ -187,9 +188,10 @@ def write_case(spec: DemoSpec, dataset_folder: Path, index: int) -> str:
         p.parent.mkdir(parents=True, exist_ok=True)
     label = _labels(spec, label)
     ending = spec.file_ending
+    spacing_: tuple[float, ...] = spacing
     if spec.ndim == 2:
         images, label = [i[0] for i in images], label[0]
-        spacing = spacing[1:]
+        spacing_ = spacing[1:]
     if ending in NATURAL_ENDINGS or (ending in TIFF_ENDINGS and spec.ndim == 2):
         grey = [_natural(i) for i in images]
         if spec.colour > 1:
@@ -204,12 +206,12 @@ def write_case(spec: DemoSpec, dataset_folder: Path, index: int) -> str:
             _write_plain(img, p)
         _write_plain(label, label_path)
         # Tiff3DIO reads the spacing of <case>_0000.tif from <case>.json, of a label <case>.tif from <case>.json
-        _write_spacing_json(spacing, image_paths[0].with_name(name + ".json"))
-        _write_spacing_json(spacing, label_path.with_name(name + ".json"))
+        _write_spacing_json(spacing_, image_paths[0].with_name(name + ".json"))
+        _write_spacing_json(spacing_, label_path.with_name(name + ".json"))
     else:
         for img, p in zip(images, image_paths):
-            _write_sitk(img, spacing, p, spec.oblique)
-        _write_sitk(label, spacing, label_path, spec.oblique)
+            _write_sitk(img, spacing_, p, spec.oblique)
+        _write_sitk(label, spacing_, label_path, spec.oblique)
     return name
 
 

@@ -157,6 +157,24 @@ class ClassCheckTask:
 
 
 @dataclass(frozen=True)
+class InspectTask:
+    """Read one case through the validating reader as the fingerprint stage would, and report its problems
+    (`nnresume check --full`): an InspectResult with its warnings, or a TaskFailed with what fails the case."""
+
+    task_id: str
+    case: str
+    images: tuple[str, ...]
+    label: str
+    dataset_json: dict[str, Any]
+    reader_writer: str
+    stage: str = "inspect"
+
+    @property
+    def targets(self) -> list[str]:
+        return ["inspect"]
+
+
+@dataclass(frozen=True)
 class IntegrityTask:
     task_id: str
     raw_folder: str
@@ -169,7 +187,8 @@ class IntegrityTask:
         return ["integrity"]
 
 
-Task = Union[FingerprintTask, PreprocessTask, ReaderTask, AggregateTask, PlanTask, IntegrityTask, ClassCheckTask]
+Task = Union[FingerprintTask, PreprocessTask, ReaderTask, AggregateTask, PlanTask, IntegrityTask, ClassCheckTask,
+             InspectTask]
 
 
 @dataclass(frozen=True)
@@ -206,6 +225,13 @@ class OutputResult:
 
 
 @dataclass(frozen=True)
+class InspectResult:
+    case: str
+    warnings: tuple[CaseWarning, ...]
+    peak_rss: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class TaskFailed:
     """A Python-level failure inside the worker. `kind` is "case" (bad input or an nnU-Net error for this case),
     "memory" (MemoryError: retried with more room) or "disk" (ENOSPC/EDQUOT: the run stops admitting)."""
@@ -225,7 +251,7 @@ class TaskFinished:
     peak_rss: Optional[int]
 
 
-Message = Union[FingerprintResult, OutputResult, DatasetResult, TaskFailed, TaskFinished]
+Message = Union[FingerprintResult, OutputResult, DatasetResult, InspectResult, TaskFailed, TaskFinished]
 
 
 @dataclass

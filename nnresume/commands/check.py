@@ -1,27 +1,39 @@
 """`nnresume check`: validate datasets without preprocessing them, reporting every problem rather than the first.
 
-Default: fast checks from files and headers (missing, empty or extra files, channel files against dataset.json,
-unreadable headers, truncated `.nii.gz`, image channels and label disagreeing on shape or spacing). With `full`:
-also every pixel through nnU-Net's reader (NaN/inf, undeclared label values, labels with only background) and every
-gzip stream's CRC. With several datasets: whether they agree on channel names and count, as multi-task and continual
-training need. On a preprocessed dataset: whether the plans' normalisation schemes match the channel count, and
-whether every output the ledger vouches for is present.
+Default: fast checks from files and headers, counted as nnU-Net's reader will count them (missing, empty or
+unreadable files, channels against dataset.json, truncated `.nii.gz`, image channels and label disagreeing on shape
+or spacing), labels without images, numTraining. With `full`: also every gzip stream's CRC, and every case read
+through nnU-Net's reader in a worker process, as the fingerprint stage reads it (what fails a case there is an
+error here; NaN read as 0, labels not aligned or with only background are warnings). With several datasets:
+whether they agree on channel names and count, as multi-task and continual training need. On a preprocessed
+dataset: whether the plans' normalisation schemes match the channel count, and whether every output the ledger
+vouches for is present.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from functools import partial
+from typing import Any, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from ..dataset import CaseFiles, DatasetLayout, list_cases, load_dataset_json, orphan_labels
 from ..errors import CaseError, NnresumeError
+from ..execution import system
+from ..execution.memory import Estimator, default_budget, fingerprint_units
+from ..execution.pools.base import Pool
+from ..execution.runner import Runner, StopFlag
+from ..execution.scheduler import QueueItem, Scheduler
 from ..geometry import geometry, likely_reader, read_header
+from ..ledger.models import TaskState
+from ..progress import StageProgress
+from ..tasks import InspectResult, InspectTask, ReaderTask
 from ..worker import validate
 
 
@@ -64,7 +76,7 @@ def _header_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any]) ->
     usable = []
     for path in [*files.images, files.label]:
         n = len(out)
-        _collect(out, case, lambda p=path: validate.before_read(case, [p], None))
+        _collect(out, case, partial(validate.before_read, case, [path], None))
         if len(out) == n:
             usable.append(path)
     headers = {}
@@ -110,17 +122,70 @@ def _header_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any]) ->
     return out
 
 
-def _pixel_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any], reader: str) -> list[Finding]:
-    """Reads the case through nnU-Net's reader as the fingerprint stage does: its errors, then its warnings."""
-    from ..worker.run import inspect_case
-
-    out: list[Finding] = []
-    warnings = _collect(out, case, lambda: inspect_case(case, list(files.images), files.label, dataset_json, reader))
-    out += [Finding("warning", w.message, case) for w in warnings or ()]
-    return out
+@dataclass
+class _Inspect:
+    task_id: str
+    case: str
+    files: CaseFiles
 
 
-def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: bool = True) -> DatasetCheck:
+class _InspectHandler:
+    """The runner's stage handler for `check --full`: one InspectTask per case, findings collected, no ledger."""
+
+    stage = "inspect"
+
+    def __init__(self, dataset_json: dict[str, Any], reader: str) -> None:
+        self.dataset_json, self.reader = dataset_json, reader
+        self.findings: dict[str, list[Finding]] = {}
+
+    def build(self, item: QueueItem, attempt: int) -> InspectTask:
+        w: _Inspect = item.spec
+        return InspectTask(w.task_id, w.case, w.files.images, w.files.label, self.dataset_json, self.reader)
+
+    def started(self, item: QueueItem) -> None:
+        pass
+
+    def received(self, item: QueueItem, message: Any) -> None:
+        if isinstance(message, InspectResult):
+            self.findings[item.case] = [Finding("warning", w.message, item.case) for w in message.warnings]
+
+    def ended_badly(self, item: QueueItem, state: TaskState, message: str, died: bool, peak: Optional[int]) -> None:
+        if state != TaskState.pending:  # failed, or quarantined after worker deaths; pending means it is retried
+            self.findings[item.case] = [Finding("error", message, item.case)]
+
+    def remaining_units(self, item: QueueItem) -> dict[str, int]:
+        return item.units
+
+
+def inspect_in_workers(cases: dict[str, CaseFiles], dataset_json: dict[str, Any], pool: Pool, workers: int,
+                       progress: bool) -> tuple[list[Finding], dict[str, list[Finding]]]:
+    """Reads each case through nnU-Net's reader in a worker, as the fingerprint stage would (memory-governed; a
+    reader that crashes takes only its worker). Returns dataset-level findings and each case's."""
+    runner = Runner(pool, default_budget(system.available_memory()), workers, Estimator(), 0, lambda a: None,
+                    lambda s: None, StopFlag(), 0.0, progress=None)
+    examples = tuple(c.images[0] for c in cases.values() if c.images)[:20]
+    try:
+        reader = str(runner.run_one(ReaderTask("check-reader", dataset_json, examples)).value)
+    except NnresumeError as e:
+        return [Finding("error", e.one_line())], {}
+    handler = _InspectHandler(dataset_json, reader)
+    scheduler = Scheduler(workers)
+    for name, files in cases.items():
+        units = {"fingerprint": fingerprint_units(read_header(files.images[0]) if files.images else None,
+                                                  list(files.images))}
+        scheduler.add(_Inspect(f"inspect-{name}", name, files), runner.estimator.estimate(units), units)
+    bar = StageProgress("Read every case", len(scheduler), 0, progress and sys.stderr.isatty())
+    runner.progress = bar
+    try:
+        runner.run(scheduler, handler)
+    finally:
+        bar.close()
+    return [], handler.findings
+
+
+def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: bool = True,
+                  pool: Optional[Pool] = None) -> DatasetCheck:
+    """Every problem of one dataset. `full` reads every case in a worker of `pool` (which the caller owns)."""
     result = DatasetCheck(layout.name)
     try:
         dataset_json = load_dataset_json(layout.raw)
@@ -134,43 +199,48 @@ def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: boo
     if not cases:
         result.findings.append(Finding("error", f"no training cases in {layout.raw / 'imagesTr'}"))
         return result
-    if "numTraining" in dataset_json and dataset_json["numTraining"] != len(cases):
-        result.findings.append(Finding("error", f"dataset.json says numTraining={dataset_json['numTraining']} "
-                                                f"but {len(cases)} training case(s) were found; correct numTraining "
-                                                "(nnU-Net's integrity check rejects this)"))
-    ending = dataset_json["file_ending"]
-    for name, path in orphan_labels(layout.raw, dataset_json, cases).items():
-        result.findings.append(Finding("error", f"case {name} ({path}): label has no image files in imagesTr "
-                                                f"(expected {name}_0000{ending}); add the images or remove the label",
-                                       name))
-
-    reader = None
-    if full:
-        from ..worker import nnunet
-
-        examples = [c.images[0] for c in cases.values() if c.images][:20]
-        reader = _collect(result.findings, None, lambda: nnunet.reader_writer_name(dataset_json, examples))
+    result.findings += _dataset_findings(layout, dataset_json, cases)
 
     def one(item: tuple[str, CaseFiles]) -> list[Finding]:
         case, files = item
         found = _header_checks(case, files, dataset_json)
         if full:
-            header_errors = len(found)
             for path in [*files.images, files.label]:  # every gzip stream's CRC, even where the header failed
                 if os.path.isfile(path) and os.path.getsize(path) > 0:
-                    _collect(found, case, lambda p=path: validate.check_compressed(case, p, full=True))
-            if reader and not found:
-                found += _pixel_checks(case, files, dataset_json, reader)
-            seen = {f.message for f in found[:header_errors]}
-            found = found[:header_errors] + [f for f in found[header_errors:] if f.message not in seen]
+                    _collect(found, case, partial(validate.check_compressed, case, path, full=True))
         return found
 
+    per_case: dict[str, list[Finding]] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        for found in tqdm(ex.map(one, cases.items()), total=len(cases), desc=f"Check {layout.name}", unit="case",
-                          disable=not (progress and sys.stderr.isatty())):
-            result.findings += found
+        bar = tqdm(ex.map(one, cases.items()), total=len(cases), unit="case", desc=f"Check {layout.name}",
+                   disable=not (progress and sys.stderr.isatty()))
+        for case, found in zip(cases, bar):
+            per_case[case] = found
+    if full and pool is not None:
+        clean = {n: f for n, f in cases.items() if not per_case[n]}  # a header error says enough about a case
+        dataset_level, pixels = inspect_in_workers(clean, dataset_json, pool, workers, progress)
+        result.findings += dataset_level
+        for case, found in pixels.items():
+            seen = {f.message for f in per_case[case]}
+            per_case[case] += [f for f in found if f.message not in seen]
+    for case in cases:
+        result.findings += per_case[case]
     _check_preprocessed(layout, result)
     return result
+
+
+def _dataset_findings(layout: DatasetLayout, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]
+                      ) -> list[Finding]:
+    out = []
+    if "numTraining" in dataset_json and dataset_json["numTraining"] != len(cases):
+        out.append(Finding("error", f"dataset.json says numTraining={dataset_json['numTraining']} but {len(cases)} "
+                                    "training case(s) were found; correct numTraining (nnU-Net's integrity check "
+                                    "rejects this)"))
+    ending = dataset_json["file_ending"]
+    for name, path in orphan_labels(layout.raw, dataset_json, cases).items():
+        out.append(Finding("error", f"case {name} ({path}): label has no image files in imagesTr (expected "
+                                    f"{name}_0000{ending}); add the images or remove the label", name))
+    return out
 
 
 def _check_preprocessed(layout: DatasetLayout, result: DatasetCheck) -> None:

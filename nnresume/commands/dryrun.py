@@ -99,9 +99,9 @@ def plan_dry_run(settings: PreprocessSettings, paths: Paths, name_or_id: str) ->
         pplan = outputs.plan_outputs(ctx, cases, records, plans, scope)  # type: ignore[arg-type]
         names = {c.data_identifier: c.configuration for c in scope}
         grouped: dict[str, dict[str, list[str]]] = defaultdict(dict)
-        for w in pplan.work:
-            for ident, reason in w.reasons.items():
-                grouped[names[ident]].setdefault(_category(reason), []).append(w.case)
+        for ow in pplan.work:
+            for ident, reason in ow.reasons.items():
+                grouped[names[ident]].setdefault(_category(reason), []).append(ow.case)
         out.outputs = dict(grouped)
         out.outputs_up_to_date = pplan.up_to_date
         out.blocked = pplan.blocked
@@ -132,8 +132,8 @@ def render(d: DryRun) -> str:
             lines.append(f"    {len(names)} {reason}: {cases(names)}")
     if d.outputs or d.plans.startswith("up to date"):
         lines.append(f"  {d.outputs_up_to_date} case(s) up to date in every configuration")
-    for n, why in list(d.blocked.items())[:10]:
-        lines.append(f"  {n}: cannot be preprocessed: {why}")
+    for case, why in list(d.blocked.items())[:10]:
+        lines.append(f"  {case}: cannot be preprocessed: {why}")
     for note in d.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

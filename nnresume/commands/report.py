@@ -193,7 +193,8 @@ img{{max-width:100%}}</style></head><body>
 <p>{html.escape(run['status'].replace('_', ' '))}; started {started}; {run['workers']} workers;
 budget {format_bytes(run['budget_bytes'])}; peak process tree memory {format_bytes(run['peak_tree_bytes'])}.<br>
 <code>nnresume {html.escape(run['arguments'])}</code></p>
-<img alt="memory over time and per-case duration and peak memory" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+<img alt="memory over time and per-case duration and peak memory"
+ src="data:image/png;base64,{base64.b64encode(png).decode()}">
 <h2>Slowest cases</h2>
 <table><tr><th>case</th><th>stage</th><th>configurations</th><th>seconds</th><th>peak RSS</th><th>estimate</th></tr>
 {rows}</table>

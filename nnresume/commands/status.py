@@ -149,9 +149,9 @@ def render_status(s: dict[str, Any]) -> str:
                      str(c["failed"]), str(c["quarantined"]),
                      format_bytes(st.get("peak_rss_max")) if st.get("peak_rss_max") else "-",
                      format_bytes(st.get("peak_rss_median")) if st.get("peak_rss_median") else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
     big = sorted(((ident, c) for ident, st in s["stages"].items() for c in st.get("largest_cases", [])),
                  key=lambda x: -x[1]["peak_rss"])
     if big:

@@ -7,7 +7,7 @@ pass its size check). Files in a data folder that no ledger row vouches for are 
 """
 from __future__ import annotations
 
-import os
+import json
 import pickle
 import sys
 from dataclasses import asdict, dataclass, field
@@ -16,10 +16,11 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from ..dataset import GT_IDENTIFIER, DatasetLayout
+from ..dataset import DatasetLayout
 from ..io import atomic
 from ..ledger.models import TaskState
 from ..ledger.repository import Ledger
+from ..preprocess.outputs import unvouched_files
 
 
 @dataclass
@@ -68,6 +69,15 @@ def _check_file(path: Path, size: Optional[int], sha256: Optional[str], full: bo
     return None
 
 
+def _file_ending(layout: DatasetLayout) -> str:
+    """The labels' ending, from the dataset.json the planner copied beside the plans; without it, any file in
+    gt_segmentations counts."""
+    try:
+        return str(json.loads((layout.preprocessed / "dataset.json").read_text())["file_ending"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def verify(layout: DatasetLayout, ledger: Ledger, full: bool, progress: bool = True) -> VerifyReport:
     report = VerifyReport(layout.name, full=full)
     records = ledger.load_cases()
@@ -93,19 +103,8 @@ def verify(layout: DatasetLayout, ledger: Ledger, full: bool, progress: bool = T
                 report.problems.append(Problem(rec.name, "fingerprint", str(path), problem))
                 bad_fingerprints[rec.name] = f"verify: fingerprint result {problem}"
 
-    vouched: dict[str, set[str]] = {}
-    for rec in records.values():
-        for ident, out in rec.outputs.items():
-            names = vouched.setdefault(ident, set())
-            if out.state == TaskState.done:
-                names.update(f["name"] for f in out.files or [])
-    for ident, names in vouched.items():
-        folder = layout.data_folder(ident)
-        if folder.is_dir():
-            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-                if entry.is_file() and entry.name not in names and (
-                        ident == GT_IDENTIFIER or entry.name.endswith((".b2nd", ".pkl", ".npz", ".npy"))):
-                    report.unvouched.append(entry.path)
+    idents = {ident for rec in records.values() for ident in rec.outputs}
+    report.unvouched = [str(p) for p in unvouched_files(layout, records, idents, _file_ending(layout))]
 
     for key, reason in bad_outputs.items():
         ledger.invalidate_outputs([key], reason)

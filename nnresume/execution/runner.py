@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from ..config import format_bytes
-from ..errors import DatasetError, Interrupted, NnresumeError, UsageError
+from ..errors import DatasetError, Interrupted, NnresumeError, UsageError, WorkerDied
 from ..ledger.models import TaskState
 from ..ledger.repository import AttemptRecord, MemorySampleRecord
 from ..tasks import DatasetResult, Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
-from .memory import DEFAULT_THRESHOLDS, Estimator, Readings, RunningCase, Thresholds, TreeSampler, decide
-from .pools.local import Ended, LocalPool, Received, describe_signal
+from .memory import DEFAULT_THRESHOLDS, Estimator, Readings, RunningCase, Thresholds, decide
+from .pools.base import Ended, Pool, Received, describe_signal
 from .scheduler import QueueItem, Scheduler
 
 log = logging.getLogger(__name__)
 
 TICK = 0.2
-
-
-class _Died(Exception):
-    def __init__(self, description: str) -> None:
-        super().__init__(description)
-        self.description = description
 
 
 class StopFlag:
@@ -76,6 +71,18 @@ class _Running:
 
 
 @dataclass
+class _Stage:
+    """One stage's loop state."""
+
+    scheduler: Scheduler
+    handler: StageHandler
+    running: dict[str, _Running] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    stops_pending: int = 0
+    grace_deadline: Optional[float] = None
+
+
+@dataclass
 class StageStats:
     done: int = 0
     failed: int = 0
@@ -88,15 +95,16 @@ class StageStats:
 
 
 class Runner:
-    def __init__(self, pool: LocalPool, budget: int, max_workers: int, estimator: Estimator, run_id: int,
+    """Runs a stage's queue through a pool (pools/base.py), or one dataset-level task, with memory governed."""
+
+    def __init__(self, pool: Pool, budget: int, max_workers: int, estimator: Estimator, run_id: int,
                  record_attempt: Callable[[AttemptRecord], None],
                  record_samples: Callable[[list[MemorySampleRecord]], None],
                  stop: StopFlag, grace_seconds: float, thresholds: Thresholds = DEFAULT_THRESHOLDS,
-                 sampler: Optional[TreeSampler] = None, progress: Any = None) -> None:
+                 progress: Any = None) -> None:
         self.pool, self.budget, self.max_workers, self.estimator = pool, budget, max_workers, estimator
         self.run_id, self.record_attempt, self.record_samples = run_id, record_attempt, record_samples
         self.stop, self.grace, self.thresholds = stop, grace_seconds, thresholds
-        self.sampler = sampler or TreeSampler()
         self.progress = progress
         self.peak_tree = 0
         self._t0 = time.monotonic()
@@ -108,7 +116,7 @@ class Runner:
     # ---- memory -----------------------------------------------------------------------------------------------
 
     def _sample(self, running: dict[str, _Running]) -> Readings:
-        readings = self.sampler.sample(self.pool.overhead_pids(), self.pool.pids())
+        readings = self.pool.readings()
         for task_id, mem in readings.per_task.items():
             r = running.get(task_id)
             if r is not None:
@@ -141,7 +149,7 @@ class Runner:
         for death_count in range(1, max_deaths + 1):
             try:
                 return self._run_one_attempt(task)
-            except _Died as died:
+            except WorkerDied as died:
                 if death_count == max_deaths:
                     raise NnresumeError(f"the {task.stage} step's worker died {max_deaths} times; the last "
                                         f"{died.description}", "check the machine's memory (`dmesg`), then run the "
@@ -151,7 +159,7 @@ class Runner:
         raise AssertionError("unreachable")
 
     def _run_one_attempt(self, task: Any) -> DatasetResult:
-        self.pool.submit(task)
+        self.pool.submit(task, 0)
         wall = time.time()
         result: Optional[DatasetResult] = None
         failure: Optional[TaskFailed] = None
@@ -190,93 +198,103 @@ class Runner:
                    else f"exited with code {death.exit_code}")
             likely = " (the out-of-memory killer, or a kill -9)" if death.signal == 9 else ""
             seen = f" at {format_bytes(peak)} private memory" if peak else ""
-            raise _Died(f"{how}{likely}{seen}")
+            raise WorkerDied(f"{how}{likely}{seen}")
         assert result is not None
         return result
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
     def run(self, scheduler: Scheduler, handler: StageHandler) -> StageStats:
+        """Until the queue is empty and nothing runs: collect events, sample memory, honour a signal, then let the
+        governor stop or admit cases."""
         stats = StageStats()
-        running: dict[str, _Running] = {}
-        attempts: dict[str, int] = {}
-        stops_pending = 0
-        grace_deadline: Optional[float] = None
-        while len(scheduler) or running:
-            for event in self.pool.poll(TICK if running else 0.0):
-                r = running.get(event.task_id)
-                if r is None:
-                    continue
-                if isinstance(event, Received):
-                    self._received(r, event.message, handler)
-                    continue
-                assert isinstance(event, Ended)
-                del running[event.task_id]
-                if r.stop_requested:
-                    stops_pending = max(0, stops_pending - 1)
-                self._ended(r, event.death, scheduler, handler, stats, stopping=bool(self.stop))
-            readings = self._sample(running)
-
-            if self.stop and grace_deadline is None:
-                grace_deadline = (self.stop.at or time.monotonic()) + self.grace
-                stats.halted = f"stopped by {self.stop.signal_name}"
-                if running:
-                    log.warning("%s: no new cases start; waiting up to %.0f s for %d running case(s) to finish "
-                                "(signal again to stop them now)", self.stop.signal_name, self.grace, len(running))
-            if grace_deadline is not None and running and (self.stop.force or time.monotonic() > grace_deadline):
-                for task_id, r in running.items():
-                    if not r.stop_requested:
-                        log.warning("case %s: stopped at shutdown; it will be redone on the next run", r.item.case)
-                        r.stop_requested = True
-                        self.pool.kill(task_id)
+        st = _Stage(scheduler, handler)
+        while len(scheduler) or st.running:
+            self._collect(st, stats)
+            readings = self._sample(st.running)
+            self._honour_signal(st, stats)
             if stats.halted:
-                if not running:
+                if not st.running:
                     break
-                self._update_progress(stats, running, readings)
-                continue
-
-            cases = [RunningCase(t, r.started, r.item.estimate, r.memory, r.alone) for t, r in running.items()]
-            decision = decide(readings, cases, scheduler.waiting(), self.budget, self.max_workers, self.thresholds,
-                              stops_pending)
-            for task_id in decision.stop:
-                r = running[task_id]
-                log.warning("case %s: stopped to stay under the memory budget (tree %s of %s); it will run again "
-                            "with more room", r.item.case, format_bytes(readings.tree), format_bytes(self.budget))
-                r.stop_requested = True
-                stops_pending += 1
-                self.pool.kill(task_id)
-            for item in scheduler.take(decision.admit):
-                attempts[item.task_id] = attempts.get(item.task_id, 0) + 1
-                alone = item.task_id in decision.alone
-                if item.task_id in decision.oversized:
-                    log.warning("case %s: estimated peak %s, beside the %s nnresume itself holds, exceeds the "
-                                "budget %s; running it alone", item.case, format_bytes(item.estimate),
-                                format_bytes(readings.overhead), format_bytes(self.budget))
-                task = handler.build(item, attempts[item.task_id])
-                handler.started(item)
-                self.pool.submit(task)
-                running[item.task_id] = _Running(item, task, time.monotonic(), time.time(), alone)
-            self._update_progress(stats, running, readings)
+            else:
+                self._govern(st, readings)
+            self._update_progress(stats, st.running, readings)
         self.flush_samples()
         stats.peak_tree = self.peak_tree
         return stats
+
+    def _collect(self, st: _Stage, stats: StageStats) -> None:
+        for event in self.pool.poll(TICK if st.running else 0.0):
+            r = st.running.get(event.task_id)
+            if r is None:
+                continue
+            if isinstance(event, Received):
+                self._received(r, event.message, st.handler)
+                continue
+            assert isinstance(event, Ended)
+            del st.running[event.task_id]
+            if r.stop_requested:
+                st.stops_pending = max(0, st.stops_pending - 1)
+            self._ended(r, event.death, st.scheduler, st.handler, stats, stopping=bool(self.stop))
+
+    def _honour_signal(self, st: _Stage, stats: StageStats) -> None:
+        """After SIGINT/SIGTERM nothing new starts; running cases get the grace period, then are stopped."""
+        if not self.stop:
+            return
+        if st.grace_deadline is None:
+            st.grace_deadline = (self.stop.at or time.monotonic()) + self.grace
+            stats.halted = f"stopped by {self.stop.signal_name}"
+            if st.running:
+                log.warning("%s: no new cases start; waiting up to %.0f s for %d running case(s) to finish "
+                            "(signal again to stop them now)", self.stop.signal_name, self.grace, len(st.running))
+        if st.running and (self.stop.force or time.monotonic() > st.grace_deadline):
+            for task_id, r in st.running.items():
+                if not r.stop_requested:
+                    log.warning("case %s: stopped at shutdown; it will be redone on the next run", r.item.case)
+                    r.stop_requested = True
+                    self.pool.kill(task_id)
+
+    def _govern(self, st: _Stage, readings: Readings) -> None:
+        """Applies the governor's decision: stop the cases it names, start the ones it admits."""
+        cases = [RunningCase(t, r.started, r.item.estimate, r.memory, r.alone) for t, r in st.running.items()]
+        decision = decide(readings, cases, st.scheduler.waiting(), self.budget, self.max_workers, self.thresholds,
+                          st.stops_pending)
+        for task_id in decision.stop:
+            r = st.running[task_id]
+            log.warning("case %s: stopped to stay under the memory budget (tree %s of %s); it will run again "
+                        "with more room", r.item.case, format_bytes(readings.tree), format_bytes(self.budget))
+            r.stop_requested = True
+            st.stops_pending += 1
+            self.pool.kill(task_id)
+        for item in st.scheduler.take(decision.admit):
+            st.attempts[item.task_id] = st.attempts.get(item.task_id, 0) + 1
+            if item.task_id in decision.oversized:
+                log.warning("case %s: estimated peak %s, beside the %s nnresume itself holds, exceeds the "
+                            "budget %s; running it alone", item.case, format_bytes(item.estimate),
+                            format_bytes(readings.overhead), format_bytes(self.budget))
+            task = st.handler.build(item, st.attempts[item.task_id])
+            if task.task_id != item.task_id:  # the pool reports events under the task's id
+                raise AssertionError(f"{type(st.handler).__name__} built task {task.task_id} for {item.task_id}")
+            st.handler.started(item)
+            self.pool.submit(task, item.estimate)
+            st.running[item.task_id] = _Running(item, task, time.monotonic(), time.time(),
+                                                item.task_id in decision.alone)
 
     def _update_progress(self, stats: StageStats, running: dict[str, _Running], readings: Readings) -> None:
         if self.progress is not None:
             self.progress.memory(readings.tree, self.budget, len(running))
 
     def _received(self, r: _Running, message: Any, handler: StageHandler) -> None:
-        if isinstance(message, (FingerprintResult, OutputResult)):
+        if not isinstance(message, (TaskFailed, TaskFinished)):  # a result: the handler commits it
             handler.received(r.item, message)
-            peak = message.peak_rss
+            peak = getattr(message, "peak_rss", None)
             if peak is not None:
                 r.peak_rss = max(r.peak_rss or 0, peak)
-                pid = self.pool.pids().get(r.item.task_id)
-                shared = self.sampler.shared_of(pid) if pid else 0
-                r.private_peak = max(r.private_peak or 0, peak - shared)
+                private = self.pool.private_peak(r.item.task_id, peak)
+                r.private_peak = max(r.private_peak or 0, private)
                 key, units = self._units_of(r.item, message)
                 if key:
-                    self.estimator.observe(key, units, peak - shared - r.item.fixed)
+                    self.estimator.observe(key, units, private - r.item.fixed)
         elif isinstance(message, TaskFailed):
             r.failure = message
         elif isinstance(message, TaskFinished):
@@ -285,10 +303,13 @@ class Runner:
 
     @staticmethod
     def _units_of(item: QueueItem, message: Any) -> tuple[Optional[str], int]:
+        """Which estimate a result's peak teaches, and the size it was for."""
         if isinstance(message, FingerprintResult):
             return ("fingerprint", item.units.get("fingerprint", 0)) if not message.unchanged else (None, 0)
-        key = f"preprocess:{message.target.data_identifier}"
-        return (key, item.units.get(key, 0)) if key in item.units else (None, 0)
+        if isinstance(message, OutputResult):
+            key = f"preprocess:{message.target.data_identifier}"
+            return (key, item.units.get(key, 0)) if key in item.units else (None, 0)
+        return (None, 0)
 
     def _record(self, r: _Running, outcome: str, death: Optional[Death], message: Optional[str]) -> None:
         self.record_attempt(AttemptRecord(

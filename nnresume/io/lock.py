@@ -93,7 +93,7 @@ class DatasetLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "DatasetLock":
+    def __enter__(self) -> DatasetLock:
         self.acquire()
         return self
 

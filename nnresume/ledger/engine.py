@@ -14,6 +14,7 @@ import logging
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.exc import DBAPIError
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 30_000
 
 
-def _set_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _set_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # pysqlite opens transactions implicitly; pragmas that change the journal must run outside one
     previous = dbapi_connection.isolation_level
     dbapi_connection.isolation_level = None
@@ -65,7 +66,7 @@ def migrations_location() -> str:
                       "reinstall nnresume; the package is missing its migrations folder")
 
 
-def alembic_config(engine: Engine):  # type: ignore[no-untyped-def]
+def alembic_config(engine: Engine) -> Any:
     from alembic.config import Config
 
     cfg = Config()

@@ -85,11 +85,11 @@ class Case(Base):
     header: Mapped[Optional[dict[str, Any]]]
     updated_at: Mapped[float] = mapped_column(Float)
 
-    files: Mapped[list["InputFile"]] = relationship(back_populates="case", cascade="all, delete-orphan",
+    files: Mapped[list[InputFile]] = relationship(back_populates="case", cascade="all, delete-orphan",
                                                     passive_deletes=True, order_by="InputFile.id")
-    fingerprint: Mapped[Optional["Fingerprint"]] = relationship(back_populates="case", cascade="all, delete-orphan",
+    fingerprint: Mapped[Optional[Fingerprint]] = relationship(back_populates="case", cascade="all, delete-orphan",
                                                                 passive_deletes=True)
-    outputs: Mapped[list["Output"]] = relationship(back_populates="case", cascade="all, delete-orphan",
+    outputs: Mapped[list[Output]] = relationship(back_populates="case", cascade="all, delete-orphan",
                                                    passive_deletes=True)
 
 

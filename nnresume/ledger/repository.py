@@ -6,13 +6,15 @@ its commit is the moment a case's files in a configuration folder become trusted
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from ..io import crashpoints
+from ..tasks import InputFileInfo
 from . import engine as engine_mod
 from .models import (
     Artifact,
@@ -28,16 +30,6 @@ from .models import (
     RunStatus,
     TaskState,
 )
-
-
-@dataclass
-class FileRecord:
-    role: str
-    channel: int
-    path: str
-    size: int
-    mtime_ns: int
-    digest: str
 
 
 @dataclass
@@ -82,7 +74,7 @@ class CaseRecord:
     name: str
     input_digest: Optional[str]
     header: Optional[dict[str, Any]]
-    files: list[FileRecord] = field(default_factory=list)
+    files: list[InputFileInfo] = field(default_factory=list)
     fingerprint: Optional[FingerprintRecord] = None
     outputs: dict[str, OutputRecord] = field(default_factory=dict)
 
@@ -176,7 +168,7 @@ class Ledger:
         self._case_ids: dict[str, int] = {}
 
     @classmethod
-    def open(cls, path: str, create: bool = True) -> "Ledger":
+    def open(cls, path: str, create: bool = True) -> Ledger:
         return cls(engine_mod.open_engine(path, create=create))
 
     def close(self) -> None:
@@ -264,7 +256,7 @@ class Ledger:
             for case_id, role, channel, path, size, mtime, digest in s.execute(
                     select(InputFile.case_id, InputFile.role, InputFile.channel, InputFile.path, InputFile.size,
                            InputFile.mtime_ns, InputFile.digest).order_by(InputFile.id)):
-                by_id[case_id].files.append(FileRecord(role, channel, path, size, mtime, digest))
+                by_id[case_id].files.append(InputFileInfo(role, channel, path, size, mtime, digest))
             for row in s.execute(select(*fp_cols)):
                 (case_id, state, key, digest, rfile, rsize, rsha, shape, spacing, attempts, deaths, duration, peak,
                  estimate, error, attempt_key) = row
@@ -294,7 +286,7 @@ class Ledger:
 
 
     @staticmethod
-    def _write_files(s: Session, case_id: int, files: list[FileRecord]) -> None:
+    def _write_files(s: Session, case_id: int, files: Sequence[InputFileInfo]) -> None:
         s.execute(delete(InputFile).where(InputFile.case_id == case_id))
         for f in files:
             s.add(InputFile(case_id=case_id, role=f.role, channel=f.channel, path=f.path, size=f.size,
@@ -318,14 +310,14 @@ class Ledger:
             fp.state, fp.estimate_bytes, fp.updated_at = TaskState.running, estimate, time.time()
             fp.attempts += 1
 
-    def fingerprint_unchanged(self, name: str, files: list[FileRecord]) -> None:
+    def fingerprint_unchanged(self, name: str, files: Sequence[InputFileInfo]) -> None:
         """The case's files were touched but hash as before: keep the result, record the new stats."""
         with self._session() as s, s.begin():
             fp = self._fingerprint_row(s, name)
             fp.state, fp.updated_at, fp.error = TaskState.done, time.time(), None
             self._write_files(s, self._case_id(s, name), files)
 
-    def fingerprint_done(self, name: str, run_id: int, key: str, input_digest: str, files: list[FileRecord],
+    def fingerprint_done(self, name: str, run_id: int, key: str, input_digest: str, files: Sequence[InputFileInfo],
                          result_file: str, result_size: int, result_sha256: str, shape_after_crop: list[Any],
                          spacing: list[Any], duration_s: float, peak_rss: int | None,
                          header: dict[str, Any] | None, findings: Iterable[FindingRecord] = ()) -> None:
@@ -339,13 +331,15 @@ class Ledger:
             fp = self._fingerprint_row(s, name)
             fp.state, fp.key, fp.input_digest, fp.run_id = TaskState.done, key, input_digest, run_id
             fp.result_file, fp.result_size, fp.result_sha256 = result_file, result_size, result_sha256
-            fp.shape_after_crop, fp.spacing, fp.duration_s, fp.peak_rss = shape_after_crop, spacing, duration_s, peak_rss
+            fp.shape_after_crop, fp.spacing = shape_after_crop, spacing
+            fp.duration_s, fp.peak_rss = duration_s, peak_rss
             fp.error, fp.deaths, fp.updated_at = None, 0, time.time()
 
     @staticmethod
     def _replace_findings(s: Session, case_id: int | None, run_id: int | None,
                           findings: Iterable[FindingRecord]) -> None:
-        s.execute(delete(Finding).where(Finding.case_id == case_id if case_id is not None else Finding.case_id.is_(None)))
+        whose = Finding.case_id == case_id if case_id is not None else Finding.case_id.is_(None)
+        s.execute(delete(Finding).where(whose))
         now = time.time()
         for f in findings:
             s.add(Finding(case_id=case_id, level=f.level, kind=f.kind, path=f.path, message=f.message, run_id=run_id,
@@ -445,10 +439,11 @@ class Ledger:
     def reset_running(self) -> int:
         """Rows left `running` by a run that died go back to pending. Returns how many."""
         with self._session() as s, s.begin():
-            n = s.execute(update(Output).where(Output.state == TaskState.running)
-                          .values(state=TaskState.pending, error="interrupted while running")).rowcount
-            n += s.execute(update(Fingerprint).where(Fingerprint.state == TaskState.running)
-                           .values(state=TaskState.pending, error="interrupted while running")).rowcount
+            n = 0
+            for table in (Output, Fingerprint):
+                result: Any = s.execute(update(table).where(table.state == TaskState.running)
+                                        .values(state=TaskState.pending, error="interrupted while running"))
+                n += result.rowcount
             return n
 
     # ---- configurations and artifacts -------------------------------------------------------------------------

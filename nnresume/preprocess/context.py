@@ -1,4 +1,4 @@
-"""What every stage of one dataset's run shares: settings, layout, ledger, the pool and the memory budget."""
+"""What every stage of one dataset's run shares: settings, layout, the run session, the pool and the memory budget."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +10,12 @@ from typing import Any, Optional
 from ..config import PreprocessSettings
 from ..dataset import DatasetLayout
 from ..execution.memory import Estimator
-from ..execution.pools.local import LocalPool
+from ..execution.pools.base import Pool
 from ..execution.runner import Runner, StopFlag
 from ..io import atomic, crashpoints
 from ..ledger.repository import Ledger
 from ..progress import StageProgress
+from ..session import Session
 
 log = logging.getLogger(__name__)
 
@@ -23,31 +24,33 @@ log = logging.getLogger(__name__)
 class RunContext:
     settings: PreprocessSettings
     layout: DatasetLayout
-    ledger: Ledger
-    run_id: int
+    session: Session
     stop: StopFlag
     budget: int
     workers: int
     nnunetv2_version: str
+    pool: Pool  # given by the caller, who starts and stops it (it may serve several datasets)
     estimator: Estimator = field(default_factory=Estimator)
-    pool: Optional[LocalPool] = None
-    owns_pool: bool = True  # a pool passed in by the caller outlives this dataset's run
-    peak_tree: int = 0
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.session.ledger
+
+    @property
+    def run_id(self) -> int:
+        return self.session.run_id
 
     @property
     def staging(self) -> Path:
-        return self.layout.staging / f"run-{self.run_id}"
-
-    def get_pool(self) -> LocalPool:
-        if self.pool is None:
-            self.pool = LocalPool()
-            self.pool.warm_up()
-        return self.pool
+        return self.session.staging
 
     def runner(self, max_workers: int, progress: Optional[StageProgress]) -> Runner:
-        return Runner(self.get_pool(), self.budget, max_workers, self.estimator, self.run_id,
+        return Runner(self.pool, self.budget, max_workers, self.estimator, self.run_id,
                       self.ledger.add_attempt, lambda s: self.ledger.add_memory_samples(self.run_id, s),
                       self.stop, self.settings.grace_seconds, progress=progress)
+
+    def _peak(self, runner: Runner) -> None:
+        self.session.peak_tree = max(self.session.peak_tree, runner.peak_tree)
 
     def run_stage(self, desc: str, scheduler: Any, handler: Any, skipped: int) -> Any:
         """Runs a stage's queued tasks with a progress bar; returns the runner's StageStats."""
@@ -57,7 +60,7 @@ class RunContext:
             return runner.run(scheduler, handler)
         finally:
             progress.close()
-            self.peak_tree = max(self.peak_tree, runner.peak_tree)
+            self._peak(runner)
 
     def run_one(self, task: Any) -> Any:
         """A dataset-level task in a worker (nnunetv2 is never imported by the orchestrator)."""
@@ -65,19 +68,10 @@ class RunContext:
         try:
             return runner.run_one(task)
         finally:
-            self.peak_tree = max(self.peak_tree, runner.peak_tree)
+            self._peak(runner)
 
     def progress(self, desc: str, total: int, skipped: int) -> StageProgress:
         return StageProgress(desc, total, skipped, self.settings.progress_bar)
-
-    def shutdown(self) -> None:
-        if self.pool is None:
-            return
-        if self.owns_pool:
-            self.pool.shutdown()
-        else:
-            self.pool.stop_all()  # running workers only; the forkserver stays for the next dataset
-        self.pool = None
 
 
 def place_files(files: list[Any], folder: Path, case: Optional[str] = None) -> None:

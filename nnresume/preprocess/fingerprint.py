@@ -20,7 +20,7 @@ from ..execution.memory import fingerprint_units
 from ..execution.scheduler import QueueItem, Scheduler
 from ..io import atomic
 from ..ledger.models import TaskState
-from ..ledger.repository import CaseRecord, FileRecord, FindingRecord
+from ..ledger.repository import CaseRecord, FindingRecord
 from ..tasks import AggregateTask, FingerprintResult, FingerprintTask, InputFileInfo
 from .context import RunContext, place_artifact, place_files, stat_matches
 
@@ -79,7 +79,7 @@ def _stat_changed(record: CaseRecord, files: CaseFiles) -> Optional[str]:
 
 def attempt_key(key: str, files: CaseFiles) -> str:
     """What an attempt at a case's fingerprint is made from: the extractor key and the files' sizes and mtimes."""
-    stats = []
+    stats: list[tuple[str, int, str, Optional[int], Optional[int]]] = []
     for role, channel, path in files.all_files():
         try:
             st = os.stat(path)
@@ -99,7 +99,8 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
         rec = records.get(name)
         fp = rec.fingerprint if rec else None
 
-        def work(reason: str, known: tuple = (), reuse: bool = False) -> None:
+        def work(reason: str, known: tuple = (), reuse: bool = False, name: str = name,
+                 files: CaseFiles = files) -> None:
             plan.work.append(FingerprintWork(f"fp-{name}", name, files, reason, attempt_key(key, files), known,
                                              reuse))
 
@@ -113,7 +114,7 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
                 work("quarantined before; its inputs or the extractor changed" if not s.retry_quarantined
                      else "quarantined before; --retry-quarantined")
             continue
-        known = tuple(InputFileInfo(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in rec.files)
+        known = tuple(rec.files)
         changed = _stat_changed(rec, files) if rec.files else "no recorded inputs"
         result_ok = (fp.state == TaskState.done and fp.key == key and fp.result_file is not None
                      and stat_matches(ctx.layout.work / fp.result_file, fp.result_size))
@@ -154,7 +155,7 @@ class FingerprintHandler:
 
     def received(self, item: QueueItem, msg: Any) -> None:
         assert isinstance(msg, FingerprintResult)
-        files = [FileRecord(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in msg.files]
+        files = list(msg.files)
         if msg.unchanged:
             log.debug("case %s: inputs touched but unchanged; fingerprint kept", msg.case)
             self.ctx.ledger.fingerprint_unchanged(msg.case, files)
@@ -225,7 +226,7 @@ def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles
         log.warning("aggregating the dataset fingerprint needs about %s (nnU-Net samples 10e7 foreground voxels per "
                     "channel); the budget is %s", format_bytes(need), format_bytes(ctx.budget))
     log.info("Writing %s from %d case(s)", target.name, len(good))
-    results = tuple((name, str(ctx.layout.work / rel), sha) for name, rel, sha in good)
+    results = tuple((name, str(ctx.layout.work / str(rel)), sha) for name, rel, sha in good)
     result = ctx.run_one(AggregateTask(f"aggregate-{ctx.run_id}", results, dataset_json,
                                        str(ctx.staging / "aggregate")))
     place_artifact(result.staged, target, "fingerprint_aggregate")

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from ..config import close_matches
-from ..dataset import GT_IDENTIFIER, CaseFiles, config_hash, gt_hash, output_names, resolve_configuration
+from ..dataset import GT_IDENTIFIER, CaseFiles, DatasetLayout, config_hash, gt_hash, output_names, resolve_configuration
 from ..errors import UsageError
 from ..execution.memory import preprocess_units
 from ..execution.scheduler import QueueItem, Scheduler
 from ..io import atomic
 from ..ledger.models import TaskState
 from ..ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
-from ..tasks import InputFileInfo, OutputResult, PreprocessTask, Target
+from ..tasks import OutputResult, PreprocessTask, Target
 from .context import RunContext, place_files
 
 log = logging.getLogger(__name__)
@@ -148,7 +150,7 @@ class PreprocessHandler:
     def build(self, item: QueueItem, attempt: int) -> PreprocessTask:
         w: OutputWork = item.spec
         rec = self.records[w.case]
-        expected = tuple(InputFileInfo(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in rec.files)
+        expected = tuple(rec.files)
         return PreprocessTask(task_id=w.task_id, case=w.case, images=w.files.images, label=w.files.label,
                               expected=expected, plans=self.plans, dataset_json=self.dataset_json,
                               targets_=tuple(w.targets),
@@ -202,31 +204,39 @@ def run_outputs(ctx: RunContext, plan: PreprocessPlan, records: dict[str, CaseRe
                          plan.up_to_date)
 
 
-def sweep_unvouched(ctx: RunContext, scope: list[ConfigurationRecord], file_ending: str,
-                    records: dict[str, CaseRecord]) -> int:
-    """Removes files in the data folders in scope that no done ledger row vouches for. Returns how many."""
-    vouched: dict[str, set[str]] = {c.data_identifier: set() for c in scope}
+def unvouched_files(layout: DatasetLayout, records: dict[str, CaseRecord], data_identifiers: Iterable[str],
+                    file_ending: str) -> list[Path]:
+    """Files in the given data folders that no done ledger row vouches for: a case's outputs (`.b2nd`, `.pkl`, ...)
+    or, in gt_segmentations, labels (`file_ending`). Training would take them for cases; nnU-Net itself empties
+    these folders before it writes them."""
+    vouched: dict[str, set[str]] = {ident: set() for ident in data_identifiers}
     for rec in records.values():
         for ident, out in rec.outputs.items():
             if ident in vouched and out.state == TaskState.done:
                 vouched[ident].update(f["name"] for f in out.files or [])
-    removed = 0
-    for conf in scope:
-        folder = ctx.layout.data_folder(conf.data_identifier)
+    found = []
+    for ident, names in vouched.items():
+        folder = layout.data_folder(ident)
         if not folder.is_dir():
             continue
-        suffixes = (file_ending,) if conf.data_identifier == GT_IDENTIFIER else OUTPUT_SUFFIXES
+        suffixes = (file_ending,) if ident == GT_IDENTIFIER else OUTPUT_SUFFIXES
         with os.scandir(folder) as it:
-            for entry in it:
-                if entry.is_file() and entry.name.endswith(suffixes) and entry.name not in vouched[conf.data_identifier]:
-                    os.unlink(entry.path)
-                    removed += 1
-                    log.debug("removed %s: no ledger entry vouches for it", entry.path)
-        if removed:
-            atomic.fsync_dir(folder)
-    if removed:
-        log.info("Removed %d file(s) from the data folders that no ledger entry vouches for", removed)
-    return removed
+            found += [Path(e.path) for e in it if e.is_file() and e.name.endswith(suffixes) and e.name not in names]
+    return sorted(found)
+
+
+def sweep_unvouched(ctx: RunContext, scope: list[ConfigurationRecord], file_ending: str,
+                    records: dict[str, CaseRecord]) -> int:
+    """Removes files in the data folders in scope that no done ledger row vouches for. Returns how many."""
+    stray = unvouched_files(ctx.layout, records, [c.data_identifier for c in scope], file_ending)
+    for path in stray:
+        os.unlink(path)
+        log.debug("removed %s: no ledger entry vouches for it", path)
+    for folder in {p.parent for p in stray}:
+        atomic.fsync_dir(folder)
+    if stray:
+        log.info("Removed %d file(s) from the data folders that no ledger entry vouches for", len(stray))
+    return len(stray)
 
 
 def remove_case_outputs(ctx: RunContext, case: str, record: CaseRecord, file_ending: str) -> None:

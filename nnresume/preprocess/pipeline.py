@@ -1,28 +1,17 @@
-"""`nnresume preprocess` for one dataset: lock, ledger, run record, then the three stages, each resumable.
+"""`nnresume preprocess` for one dataset: checks that need no work, then the three stages in a run session.
 
-The run record is opened before any work and closed however the run ends: completed, completed with failures,
-interrupted (a signal), or failed (an error that stops the whole run). A run that was killed outright cannot close
-its record; the next run finds it still `running`, knows its process is gone because it could take the lock, and
-records it as interrupted.
+The session (session.py) takes the lock, keeps the run record and maps how the run ended to an exit code; here are
+the dataset's own steps: the class names, the dataset-level problems (orphan labels, numTraining), removed cases, the
+fingerprint, the plans, the outputs, and the summary of failures and warnings.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import shutil
-import socket
-import sys
-import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sqlalchemy.exc import OperationalError
-
-from .. import __version__
 from ..config import STANDARD_CONFIGURATIONS, Paths, PreprocessSettings, check_budget, close_matches, format_bytes
 from ..dataset import (
     GT_IDENTIFIER,
@@ -35,54 +24,22 @@ from ..dataset import (
     nnunetv2_version,
     orphan_labels,
 )
-from ..errors import DatasetError, Interrupted, NnresumeError, UsageError
+from ..errors import EXIT_CASES_FAILED, EXIT_OK, DatasetError, DiskFullError, Interrupted, UsageError
 from ..execution import system
 from ..execution.memory import resolve_budget
-from ..execution.pools.local import LocalPool
+from ..execution.pools.base import Pool
 from ..execution.runner import StageStats, StopFlag
 from ..geometry import read_header
-from ..io.lock import DatasetLock, process_started_at
 from ..ledger.models import RunStatus, TaskState
 from ..ledger.repository import CaseRecord, FindingRecord, Ledger
-from ..progress import add_run_log, remove_handler
+from ..session import Outcome, run_session
 from ..tasks import ClassCheckTask, IntegrityTask, ReaderTask
 from . import fingerprint, outputs, planning
 from .context import RunContext
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CASES_FAILED = 0, 1, 2, 3
 DEFAULT_CLASSES = ("ExperimentPlanner", "DatasetFingerprintExtractor", "DefaultPreprocessor")
-
-
-class DiskFullError(NnresumeError):
-    pass
-
-
-@dataclass
-class DatasetOutcome:
-    dataset: str
-    status: RunStatus
-    exit_code: int
-    reason: Optional[str] = None
-    run_id: Optional[int] = None
-    failures: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # dataset-level errors (numTraining)
-    warnings: list[str] = field(default_factory=list)
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    duration_s: float = 0.0
-    log_file: Optional[str] = None
-    budget: Optional[int] = None
-    peak_tree: Optional[int] = None
-
-
-def _close_abandoned_runs(ledger: Ledger, layout: DatasetLayout) -> None:
-    """We hold the lock, so every run still marked running is dead."""
-    for r in ledger.runs_in_state(RunStatus.running):
-        reason = f"process gone (PID {r.pid} on {r.host}); it was killed or the machine stopped"
-        ledger.finish_run(r.id, RunStatus.interrupted, reason)
-        log.warning("The previous run %d (started %s) was interrupted: %s. Resuming.", r.id,
-                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)), reason)
 
 
 def _read_missing_headers(ledger: Ledger, cases: dict[str, CaseFiles], records: dict[str, CaseRecord]) -> None:
@@ -177,7 +134,6 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
 
     fplan = fingerprint.plan_fingerprints(ctx, cases, records, dataset_json)
     if fplan.work:
-        ctx.get_pool()  # the forkserver imports nnunetv2 while we read headers
         _read_missing_headers(ledger, cases, records)
         reader = _reader_writer(ctx, dataset_json, cases)
         log.info("Fingerprint: %d case(s) to analyse, %d up to date", len(fplan.work), fplan.up_to_date)
@@ -202,7 +158,6 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
             ledger.outputs_ended_badly(n, [c.data_identifier for c in scope], TaskState.failed,
                                        f"case {n}: not preprocessed because {why}", died=False)
     if pplan.work:
-        ctx.get_pool()
         names = ", ".join(c.configuration for c in scope if c.data_identifier != GT_IDENTIFIER)
         log.info("Preprocess (%s): %d case(s) to do, %d up to date", names, len(pplan.work), pplan.up_to_date)
         stats = outputs.run_outputs(ctx, pplan, records, plans, dataset_json)
@@ -258,10 +213,23 @@ def check_configuration_names(settings: PreprocessSettings, layout: DatasetLayou
                              f"{', '.join(STANDARD_CONFIGURATIONS)})", close_matches(name, sorted(known)))
 
 
-def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, stop: StopFlag,
-                pool: Optional[LocalPool] = None) -> DatasetOutcome:
-    """One dataset's run. `pool` may be shared across datasets (the caller shuts it down); else one is made here."""
-    t0 = time.time()
+def _summarize(ctx: RunContext, records: dict[str, CaseRecord], outcome: Outcome) -> None:
+    """A finished run's failures, dataset problems and warnings, and the status and exit code they give."""
+    scope = {c.data_identifier for c in ctx.ledger.configurations()}
+    outcome.failures = failure_lines(records, scope)
+    findings = ctx.ledger.findings()
+    outcome.problems = [f.message for f in findings if f.case is None and f.level == "error"]
+    outcome.warnings = [f.message for f in findings if f.level == "warning"]
+    if outcome.failures or outcome.problems:
+        outcome.status, outcome.exit_code = RunStatus.completed_with_failures, EXIT_CASES_FAILED
+        reasons = ([f"{len(outcome.failures)} case(s) failed"] if outcome.failures else []) + outcome.problems[:1]
+        outcome.reason = "; ".join(reasons)
+    else:
+        outcome.status, outcome.exit_code = RunStatus.completed, EXIT_OK
+
+
+def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, stop: StopFlag, pool: Pool) -> Outcome:
+    """One dataset's run in a run session (session.py). `pool` runs the tasks; the caller starts and stops it."""
     layout = layout_for(name_or_id, paths.raw, paths.preprocessed)
     os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
     dataset_json = load_dataset_json(layout.raw)
@@ -273,87 +241,24 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
     available = system.available_memory()
     budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available)
     check_budget(budget, settings.max_ram)
+    workers = settings.num_workers or system.usable_cpus()
     layout.preprocessed.mkdir(parents=True, exist_ok=True)
-    lock = DatasetLock(layout.lock, layout.name)
-    lock.acquire()
-    log_handler = None
-    ctx: Optional[RunContext] = None
-    outcome = DatasetOutcome(layout.name, RunStatus.running, EXIT_ERROR)
-    try:
-        ledger = Ledger.open(str(layout.ledger))
-        _close_abandoned_runs(ledger, layout)
-        arguments = {"argv": sys.argv[1:], "dataset": layout.name,
-                     "settings": {k: (list(v) if isinstance(v, tuple) else str(v) if k == "max_ram" else v)
-                                  for k, v in vars(settings).items()}}
-        run_id = ledger.start_run("preprocess", arguments, socket.gethostname(), os.getpid(),
-                                  process_started_at(os.getpid()), nnunetv2_version(), __version__, None)
-        outcome.run_id = run_id
-        log_path = layout.logs / f"run-{run_id}.log"
-        log_handler = add_run_log(log_path)
-        outcome.log_file = str(log_path)
-        workers = settings.num_workers or system.usable_cpus()
-        ledger.update_run(run_id, log_file=str(log_path), workers=workers, budget_bytes=budget)
+    arguments = {"dataset": layout.name,
+                 "settings": {k: (list(v) if isinstance(v, tuple) else str(v) if k == "max_ram" else v)
+                              for k, v in vars(settings).items()}}
+    with run_session(layout.name, layout.ledger, layout.work, "preprocess", arguments, workers=workers,
+                     budget_bytes=budget) as session:
+        session.outcome.budget = budget
         limit = system.memory_limit()
         if budget > limit:
             log.warning("--max-ram %s is more than this machine allows (%s); the machine's limit will bite first",
                         format_bytes(budget), format_bytes(limit))
         log.info("%s: %d case(s); up to %d worker(s); memory budget %s (%s available)", layout.name, len(cases),
                  workers, format_bytes(budget), format_bytes(available))
-        ctx = RunContext(settings, layout, ledger, run_id, stop, budget, workers, nnunetv2_version(), pool=pool,
-                         owns_pool=pool is None)
-        outcome.budget = budget
-        shutil.rmtree(layout.staging, ignore_errors=True)  # the lock is ours: nothing else writes there
-        ctx.staging.mkdir(parents=True, exist_ok=True)
-        reset = ledger.reset_running()
-        if reset:
-            log.info("%d task(s) left running by the interrupted run will be redone", reset)
+        ctx = RunContext(settings, layout, session, stop, budget, workers, nnunetv2_version(), pool)
         try:
             records = _stages(ctx, dataset_json, cases)
-        except Interrupted as e:
-            outcome.status, outcome.exit_code, outcome.reason = RunStatus.interrupted, e.exit_code, str(e.message)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"no space left on device writing {e.filename or layout.preprocessed}",
-                                    "free some space and run the same command again") from e
-            raise
-        except OperationalError as e:
-            if "disk is full" in str(e.orig):
-                raise DiskFullError(f"no space left on device writing the ledger {layout.ledger}",
-                                    "free some space and run the same command again") from e
-            raise
-        else:
-            scope = {c.data_identifier for c in ledger.configurations()}
-            outcome.failures = failure_lines(records, scope)
-            findings = ledger.findings()
-            outcome.problems = [f.message for f in findings if f.case is None and f.level == "error"]
-            outcome.warnings = [f.message for f in findings if f.level == "warning"]
-            if outcome.failures or outcome.problems:
-                outcome.status, outcome.exit_code = RunStatus.completed_with_failures, EXIT_CASES_FAILED
-                outcome.reason = "; ".join(x for x in (f"{len(outcome.failures)} case(s) failed" if outcome.failures
-                                                       else "", outcome.problems[0] if outcome.problems else "") if x)
-            else:
-                outcome.status, outcome.exit_code = RunStatus.completed, EXIT_OK
-    except NnresumeError as e:
-        outcome.status, outcome.exit_code, outcome.reason = RunStatus.failed, e.exit_code, e.message
-        raise
-    except BaseException as e:
-        outcome.status, outcome.exit_code = RunStatus.failed, EXIT_ERROR
-        outcome.reason = f"internal error: {type(e).__name__}: {e}"
-        log.debug("%s", traceback.format_exc())
-        raise
-    finally:
-        if ctx is not None:
-            ctx.shutdown()
-            shutil.rmtree(ctx.staging, ignore_errors=True)
-            outcome.peak_tree = ctx.peak_tree or None
-            try:
-                ctx.ledger.finish_run(ctx.run_id, outcome.status, outcome.reason, ctx.peak_tree or None)
-                outcome.counts = ctx.ledger.state_counts()
-            except Exception as e:  # e.g. the disk is still full: the next run records this one as interrupted
-                log.warning("could not record the end of run %d in the ledger: %s", ctx.run_id, getattr(e, "orig", e))
-            finally:
-                ctx.ledger.close()
-        outcome.duration_s = time.time() - t0
-        remove_handler(log_handler)
-        lock.release()
-    return outcome
+            _summarize(ctx, records, session.outcome)
+        finally:
+            pool.stop_all()  # this dataset's workers; the pool itself may serve the next dataset
+    return session.outcome

@@ -13,10 +13,11 @@ import contextlib
 import io
 import logging
 import os
+from collections.abc import Callable
 from copy import deepcopy
 from pathlib import Path
 from types import MethodType
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import nnunetv2
 import nnunetv2.paths
@@ -160,7 +161,7 @@ def analyze_case(extractor: str, images: list[str], label: str, reader: str, num
 
     `wrap_reader` may substitute a subclass of the reader/writer class (nnresume's input checks).
     """
-    cls = fingerprint_extractor_class(extractor)
+    cls: Any = fingerprint_extractor_class(extractor)
     rw = reader_writer(reader)
     return cls.analyze_case(images, label, wrap_reader(rw) if wrap_reader else rw, num_samples)
 
@@ -173,7 +174,8 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
     samples per channel. Here `summary(i)` gives the (length, dtype) of case i's samples per channel and `load(i)` the
     whole result; the samples are copied once into the array `np.array(concatenations)` would produce: same dtype
     (NumPy's promotion, e.g. to float64 when a case without foreground contributed `[]`), same values, same layout.
-    The statistics below are nnU-Net's lines, unchanged.
+    The statistics below are nnU-Net's lines, unchanged (which is why this function is longer than most here: it
+    reads side by side with nnunetv2's `DatasetFingerprintExtractor.run`).
     """
     lengths: list[list[int]] = []
     dtypes: list[list[np.dtype]] = []
@@ -198,9 +200,9 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
         shapes_after_crop.append(r[0])
         spacings.append(r[1])
         relative_sizes.append(r[4])
-        pieces = [np.asarray(p) for p in r[2]]
+        arrays = [np.asarray(p) for p in r[2]]
         del r
-        for c, piece in enumerate(pieces):
+        for c, piece in enumerate(arrays):
             # the cast np.concatenate makes, then the one np.array makes
             foreground_intensities_per_channel[c, offset:offset + len(piece)] = piece.astype(
                 channel_dtypes[c], copy=False)

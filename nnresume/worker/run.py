@@ -18,7 +18,8 @@ import shutil
 import signal
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import numpy as np
 
@@ -33,6 +34,8 @@ from ..tasks import (
     FingerprintResult,
     FingerprintTask,
     InputFileInfo,
+    InspectResult,
+    InspectTask,
     IntegrityTask,
     OutputResult,
     PlanTask,
@@ -168,7 +171,7 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
         st = _stat(task.case, path)
         k = known.get(path)
         same_stat = k is not None and k.size == st.st_size and k.mtime_ns == st.st_mtime_ns
-        digest = k.digest if same_stat else _hash(task.case, path)
+        digest = k.digest if k is not None and same_stat else _hash(task.case, path)
         files.append(InputFileInfo(role, channel, path, st.st_size, st.st_mtime_ns, digest))
     digest = input_digest(files)
     if task.reuse_if_unchanged and task.known and digest == input_digest(list(task.known)):
@@ -236,8 +239,7 @@ def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
         staging = os.path.join(task.staging_dir, f"{i}-{target.data_identifier}")
         names = dataset.output_names(task.case, target.data_identifier, ending)
         if target.data_identifier == dataset.GT_IDENTIFIER:
-            def write(prefix: str) -> None:
-                import shutil
+            def write(prefix: str, target: Target = target) -> None:
                 shutil.copy2(task.label, prefix + ending)
         else:
             def write(prefix: str, target: Target = target) -> None:
@@ -314,6 +316,9 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
             run_aggregate(task, send)
         elif isinstance(task, PlanTask):
             run_plan(task, send)
+        elif isinstance(task, InspectTask):
+            warnings = inspect_case(task.case, list(task.images), task.label, task.dataset_json, task.reader_writer)
+            send(InspectResult(task.case, warnings, peak_rss()))
         elif isinstance(task, ClassCheckTask):
             nnunet.check_class_names(task.planner, task.fingerprint_extractor, task.preprocessor)
             send(DatasetResult(value="ok"))

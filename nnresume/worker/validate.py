@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 
@@ -249,7 +250,7 @@ def hidden_non_finite(case: str, path: str, role: str, reader: str) -> Optional[
     try:
         import nibabel
 
-        img = nibabel.load(path)
+        img: Any = nibabel.load(path)
         if img.get_data_dtype().kind not in "fc":
             return None
         data = np.asanyarray(img.dataobj)
@@ -288,8 +289,8 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
     state: dict[str, Any] = observed if observed is not None else {}
     state.setdefault("warnings", [])
 
-    class ValidatingReader(reader_cls):  # type: ignore[misc, valid-type]
-        def read_images(self, image_fnames, *args, **kwargs):  # type: ignore[no-untyped-def]
+    class ValidatingReader(reader_cls):
+        def read_images(self, image_fnames: Any, *args: Any, **kwargs: Any) -> Any:
             if state.get("in_read_seg"):
                 # readers implement read_seg through read_images; the label is checked in read_seg
                 return super().read_images(image_fnames, *args, **kwargs)
@@ -312,7 +313,7 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
             state["image_props"] = props
             return data, props
 
-        def read_seg(self, seg_fname, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def read_seg(self, seg_fname: Any, *args: Any, **kwargs: Any) -> Any:
             state["in_read_seg"] = True
             try:
                 seg, props = super().read_seg(seg_fname, *args, **kwargs)

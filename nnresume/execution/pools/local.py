@@ -5,9 +5,9 @@ nnunetv2, so each case gets a clean process: its peak memory is its own, a crash
 with it, and there is no state to leak from one case to the next. The forkserver is started early so its import
 overlaps the orchestrator's own work.
 
-`LocalPool` is the local implementation of the small interface the runner uses (`submit`, `poll`, `kill`, `pids`);
-a distributed engine implements the same four methods. How a worker ended is classified here: a message saying it
-finished, an exit code, or a signal.
+`LocalPool` implements the runner's `Pool` interface (base.py). It also measures memory: the tree of orchestrator,
+forkserver and workers, each page once (memory.TreeSampler). How a worker ended is classified here: a message saying
+it finished, an exit code, or a signal.
 """
 from __future__ import annotations
 
@@ -20,39 +20,15 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing import forkserver
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Optional
 
-from ...tasks import Death, Message, TaskFailed, TaskFinished
+from ...tasks import Death, TaskFailed, TaskFinished
+from ..memory import Readings, TreeSampler
+from .base import Ended, Event, Received
 
 log = logging.getLogger(__name__)
 
 PRELOAD = ["nnresume.execution.pools.forkserver_preload"]
-
-
-@dataclass
-class Received:
-    task_id: str
-    message: Message
-
-
-@dataclass
-class Ended:
-    """The task's process is gone. `death` is None when it said it finished (or failed cleanly) first."""
-
-    task_id: str
-    death: Optional[Death]
-
-
-Event = Union[Received, Ended]
-
-
-class Pool(Protocol):
-    def submit(self, task: Any) -> None: ...
-    def poll(self, timeout: float) -> list[Event]: ...
-    def kill(self, task_id: str) -> None: ...
-    def pids(self) -> dict[str, int]: ...
-    def overhead_pids(self) -> list[int]: ...
-    def shutdown(self) -> None: ...
 
 
 @dataclass
@@ -74,22 +50,17 @@ def _worker_main(conn: Any, task: Any) -> None:
     worker_main(conn, task)
 
 
-def describe_signal(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
 class LocalPool:
-    def __init__(self) -> None:
+    def __init__(self, sampler: Optional[TreeSampler] = None) -> None:
+        self.sampler = sampler or TreeSampler()
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(PRELOAD)
         self._workers: dict[str, _Worker] = {}
         main = sys.modules.get("__main__")
-        if getattr(main, "__spec__", None) is None and getattr(main, "__file__", None):
+        script = getattr(main, "__file__", None)
+        if getattr(main, "__spec__", None) is None and script:
             # run as a script: see forkserver_preload.py for why workers must know its path
-            os.environ["NNRESUME_PARENT_MAIN"] = os.path.normpath(main.__file__)  # type: ignore[union-attr]
+            os.environ["NNRESUME_PARENT_MAIN"] = os.path.normpath(script)
 
     def warm_up(self) -> None:
         """Starts the forkserver now; it imports nnunetv2 in the background until the first task needs it."""
@@ -102,7 +73,14 @@ class LocalPool:
         pid = self.forkserver_pid()
         return [os.getpid()] + ([pid] if pid else [])
 
-    def submit(self, task: Any) -> None:
+    def readings(self) -> Readings:
+        return self.sampler.sample(self.overhead_pids(), self.pids())
+
+    def private_peak(self, task_id: str, peak_rss: int) -> int:
+        pid = self.pids().get(task_id)
+        return peak_rss - (self.sampler.shared_of(pid) if pid else 0)
+
+    def submit(self, task: Any, estimate: int = 0) -> None:
         parent, child = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(target=_worker_main, args=(child, task), name=f"nnresume-{task.case}",
                                     daemon=False)

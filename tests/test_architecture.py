@@ -1,0 +1,28 @@
+"""The boundaries the README states, checked on the running code (import-linter checks them on the source in CI)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+ORCHESTRATOR = ["nnresume.cli", "nnresume.session", "nnresume.preprocess.pipeline", "nnresume.commands.status",
+                "nnresume.commands.check", "nnresume.commands.verify", "nnresume.commands.dryrun",
+                "nnresume.commands.report", "nnresume.commands.demo", "nnresume.execution.pools.local"]
+
+
+def test_the_orchestrator_never_imports_nnunetv2() -> None:
+    """Importing nnunetv2 costs ~4 s of CPU: status, a no-op rerun and check's header mode must not pay it."""
+    code = ("import importlib, sys\n"
+            f"for m in {ORCHESTRATOR!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('nnunetv2', 'torch')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_the_worker_side_does_not_import_the_ledger() -> None:
+    code = ("import sys\nimport nnresume.worker.run\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('nnresume.ledger', 'nnresume.execution', "
+            "'sqlalchemy'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
