@@ -28,7 +28,7 @@ from typing import Any, Optional
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import fresh, interpreter_startup, run_measured  # noqa: E402
+from benchlib import fresh, interpreter_startup, nnunet_command, run_measured  # noqa: E402
 
 from nnresume.compare import compare_folders  # noqa: E402
 from nnresume.synthetic import DemoSpec, make_dataset  # noqa: E402
@@ -95,7 +95,7 @@ def one_repeat(raw: Path, work: Path, spec: DemoSpec, np_: int, extra: list[str]
     our_args = ["-d", str(spec.dataset_id), "-np", str(np_), "--no-pbar", *extra]
     out: dict[str, Any] = {}
     nn_pp = fresh(work / f"nnunet-{i}")
-    m = run_measured(["nnUNetv2_plan_and_preprocess", *nn_args], _env(raw, nn_pp))
+    m = run_measured([nnunet_command("nnUNetv2_plan_and_preprocess"), *nn_args], _env(raw, nn_pp))
     assert m.returncode == 0, m.stderr_tail
     out["nnunet"] = m
     log(f"  nnU-Net cold: {m.wall_s:.1f} s wall, {m.cpu_s:.1f} s CPU")
@@ -131,8 +131,10 @@ def summarise(runs: list[dict[str, Any]], startup: float) -> dict[str, Any]:
     s = {
         "nnunet_wall": med(lambda r: r["nnunet"].wall_s), "nnresume_wall": med(lambda r: r["nnresume"].wall_s),
         "nnunet_cpu": med(lambda r: r["nnunet"].cpu_s), "nnresume_cpu": med(lambda r: r["nnresume"].cpu_s),
-        "nnunet_rss": med(lambda r: r["nnunet"].peak_rss_sum), "nnresume_rss": med(lambda r: r["nnresume"].peak_rss_sum),
-        "nnunet_pss": med(lambda r: r["nnunet"].peak_pss_sum), "nnresume_pss": med(lambda r: r["nnresume"].peak_pss_sum),
+        "nnunet_rss": med(lambda r: r["nnunet"].peak_rss_sum),
+        "nnresume_rss": med(lambda r: r["nnresume"].peak_rss_sum),
+        "nnunet_pss": med(lambda r: r["nnunet"].peak_pss_sum),
+        "nnresume_pss": med(lambda r: r["nnresume"].peak_pss_sum),
         "ratio": _median([r["nnresume"].wall_s / r["nnunet"].wall_s for r in runs]),
         "cpu_ratio": _median([r["nnresume"].cpu_s / r["nnunet"].cpu_s for r in runs]),
         "identical": all(r["identical"] for r in runs),
@@ -231,7 +233,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"repeat {i + 1}/{a.repeats}")
         runs.append(one_repeat(raw, a.workdir, spec, a.np, extra, i, print))
     s = summarise(runs, interpreter_startup())
-    command = "python scripts/bench.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    args = argv if argv is not None else sys.argv[1:]
+    command = "python scripts/bench.py " + " ".join(shlex.quote(x) for x in args)
     text = markdown(a.name, command, spec, extra, s)
     print(text)
     if a.report:

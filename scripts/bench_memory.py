@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import machine, write_section  # noqa: E402
-from benchlib import can_make_memory_cgroup, fresh, run_in_fresh_cgroup, run_measured  # noqa: E402
+from benchlib import can_make_memory_cgroup, fresh, nnunet_command, run_in_fresh_cgroup, run_measured  # noqa: E402
 
 from nnresume.compare import compare_folders  # noqa: E402
 from nnresume.synthetic import DemoSpec, make_dataset  # noqa: E402
@@ -70,17 +70,18 @@ def under_limit(raw: Path, work: Path, limit_mib: int, repeats: int) -> dict[str
     limit = limit_mib * MIB
     did = str(spec.dataset_id)
     reference = work / "oom-reference"
+    plan_cmd = nnunet_command("nnUNetv2_plan_and_preprocess")
     if not (reference / spec.folder_name / "nnUNetPlans.json").exists():
         fresh(reference)
-        r = run_measured(["nnUNetv2_plan_and_preprocess", "-d", did, "-npfp", "1", "-np", "1", "--no_pbar"],
+        r = run_measured([plan_cmd, "-d", did, "-npfp", "1", "-np", "1", "--no_pbar"],
                          _env(raw, reference))
         assert r.returncode == 0, r.stderr_tail
     ref = reference / spec.folder_name
     folders = sorted(p.name for p in ref.iterdir() if p.is_dir())
     variants = {
-        "nnU-Net, default -np (8 / 4 / 8, -npfp 8)": ["nnUNetv2_plan_and_preprocess", "-d", did, "--no_pbar"],
-        "nnU-Net -np 2": ["nnUNetv2_plan_and_preprocess", "-d", did, "-npfp", "2", "-np", "2", "--no_pbar"],
-        "nnU-Net -np 1 (-npfp 1)": ["nnUNetv2_plan_and_preprocess", "-d", did, "-npfp", "1", "-np", "1",
+        "nnU-Net, default -np (8 / 4 / 8, -npfp 8)": [plan_cmd, "-d", did, "--no_pbar"],
+        "nnU-Net -np 2": [plan_cmd, "-d", did, "-npfp", "2", "-np", "2", "--no_pbar"],
+        "nnU-Net -np 1 (-npfp 1)": [plan_cmd, "-d", did, "-npfp", "1", "-np", "1",
                                      "--no_pbar"],
         f"nnresume -np 2 --max-ram {limit_mib}M": [sys.executable, "-m", "nnresume", "preprocess", "-d", did, "-np",
                                                    "2", "--max-ram", f"{limit_mib}M", "--no-pbar"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,6 +23,12 @@ from typing import Optional
 import psutil
 
 from nnresume.execution.system import memory_cgroup_path
+
+
+def nnunet_command(name: str) -> str:
+    """nnU-Net's console script beside this interpreter (a virtualenv need not be activated), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import session_processes  # noqa: E402
+from benchlib import nnunet_command, session_processes  # noqa: E402
 
 from nnresume.compare import compare_folders
 from nnresume.synthetic import DemoSpec, make_dataset
@@ -140,8 +140,9 @@ def run_campaign(kills: int, workdir: Path, seed: int, workers: int, cases: int,
     if nnunet_reference:
         nn = workdir / "nnunet"
         shutil.rmtree(nn, ignore_errors=True)
-        r = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(spec.dataset_id), "-npfp", str(workers),
-                            "-np", str(workers), "--no_pbar"], env=_env(raw, nn), capture_output=True, text=True)
+        cmd = [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(spec.dataset_id), "-npfp", str(workers),
+               "-np", str(workers), "--no_pbar"]
+        r = subprocess.run(cmd, env=_env(raw, nn), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         result["nnunet_identical"] = compare_folders(reference / spec.folder_name, nn / spec.folder_name, folders,
                                                      ["nnUNetPlans.json"]) == []

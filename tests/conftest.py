@@ -11,9 +11,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 
@@ -37,9 +38,17 @@ def env_for(raw: Path, preprocessed: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def nnunet_command(name: str) -> str:
+    """nnU-Net's console script installed beside this interpreter: tests run from a virtualenv that is not
+    activated (its bin/ is not on PATH) find it there."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
 def run_nnunet(raw: Path, preprocessed: Path, dataset_id: int, args: list[str]) -> None:
     preprocessed.mkdir(parents=True, exist_ok=True)
-    cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-npfp", "2", "-np", "2", "--no_pbar", *args]
+    cmd = [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-npfp", "2", "-np", "2",
+           "--no_pbar", *args]
     r = subprocess.run(cmd, env=env_for(raw, preprocessed), capture_output=True, text=True, timeout=NNUNET_TIMEOUT)
     assert r.returncode == 0, f"nnU-Net failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 

@@ -200,7 +200,7 @@ def test_deaths_lower_concurrency_then_quarantine() -> None:
 def test_governor_stops_raise_the_estimate_and_never_quarantine() -> None:
     s = Scheduler(max_workers=4)
     item = s.add(Spec("x"), GIB, {})
-    for n in range(5):
+    for _ in range(5):
         s.take(["t-x"])
         s.stopped(item, 2 * GIB)
     assert item.deaths == 0 and item.estimate >= 3 * GIB and item.max_concurrency == 1 and len(s) == 1

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from nnresume.compare import compare_folders
 
-from .conftest import SMALL, copy_dataset, env_for, ledger_query, run_nnresume, run_nnunet
+from .conftest import SMALL, copy_dataset, env_for, ledger_query, nnunet_command, run_nnresume, run_nnunet
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +107,8 @@ def test_plans_edit_redoes_that_configuration_only(setup) -> None:
     # nnU-Net's own preprocessing with the same edited plans gives the same 3d_fullres data
     other = pp.parent / "nnunet-pp"
     shutil.copytree(pp, other, ignore=shutil.ignore_patterns(".nnresume", "nnresume.sqlite*"))
-    r = subprocess.run(["nnUNetv2_preprocess", "-d", str(SMALL.dataset_id), "-c", "3d_fullres", "-np", "2",
-                        "--no_pbar"], env=env_for(raw, other), capture_output=True, text=True, timeout=600)
+    r = subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(SMALL.dataset_id), "-c", "3d_fullres",
+                        "-np", "2", "--no_pbar"], env=env_for(raw, other), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert compare_folders(pp / SMALL.folder_name, other / SMALL.folder_name, ["nnUNetPlans_3d_fullres"]) == []
 

@@ -15,7 +15,7 @@ import pytest
 from nnresume.compare import compare_folders
 from nnresume.synthetic import DemoSpec, make_dataset
 
-from .conftest import env_for, run_nnunet
+from .conftest import env_for, nnunet_command, run_nnunet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from benchlib import can_make_memory_cgroup, run_in_fresh_cgroup  # noqa: E402
@@ -38,8 +38,9 @@ def oom_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_nnunet_is_oom_killed_and_nnresume_finishes_identically(oom_raw: Path, tmp_path: Path) -> None:
     limit = LIMIT_MIB << 20
-    nn = run_in_fresh_cgroup(limit, ["nnUNetv2_plan_and_preprocess", "-d", str(OOM.dataset_id), "-npfp", "2",
-                                     "-np", "2", "--no_pbar"], env_for(oom_raw, tmp_path / "nnunet"), timeout=600)
+    cmd = [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(OOM.dataset_id), "-npfp", "2", "-np", "2",
+           "--no_pbar"]
+    nn = run_in_fresh_cgroup(limit, cmd, env_for(oom_raw, tmp_path / "nnunet"), timeout=600)
     assert nn.returncode != 0 and nn.oom_kills >= 1, (
         f"nnU-Net was expected to be OOM-killed at {LIMIT_MIB} MiB (exit {nn.returncode}, "
         f"{nn.oom_kills} OOM kills)\n{nn.output[-2000:]}")

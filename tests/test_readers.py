@@ -10,10 +10,9 @@ Shapes are the smallest that still crop, resample and (for 3D) make a 2d and a 3
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ import pytest
 from nnresume.compare import compare_folders
 from nnresume.synthetic import DemoSpec, make_dataset
 
-from .conftest import env_for, run_nnresume
+from .conftest import env_for, nnunet_command, run_nnresume
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +63,7 @@ CELLS: dict[str, DemoSpec] = {
 
 def _run_nnunet(raw: Path, pp: Path, dataset_id: int) -> subprocess.CompletedProcess:
     pp.mkdir(parents=True, exist_ok=True)
-    cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-npfp", "2", "-np", "2", "--no_pbar"]
+    cmd = [nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-npfp", "2", "-np", "2", "--no_pbar"]
     return subprocess.run(cmd, env=env_for(raw, pp), capture_output=True, text=True, timeout=900)
 
 
