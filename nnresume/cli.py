@@ -155,13 +155,15 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--strict", is_flag=True,
               help="Fail cases with warnings (NaN read as 0, image and label not aligned, only background) instead "
                    "of preprocessing them as nnU-Net would.")
+@click.option("--allow-oversize", is_flag=True,
+              help="Let a case that runs alone go past --max-ram instead of stopping and quarantining it.")
 @click.option("--dry-run", is_flag=True, help="Say what would run and why, and change nothing.")
 def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], planner: str, fingerprint_extractor: str,
                gpu_memory_target: Optional[float], overwrite_plans_name: Optional[str],
                overwrite_target_spacing: tuple[str, ...], preprocessor_name: str, verify_integrity: bool,
                num_workers: Optional[int], num_workers_fingerprint: Optional[int], max_ram: Optional[str],
                no_pbar: bool, verify_outputs: bool, retry_quarantined: bool, replan: bool, grace_seconds: float,
-               strict: bool, dry_run: bool) -> None:
+               strict: bool, allow_oversize: bool, dry_run: bool) -> None:
     """Fingerprint, plan and preprocess datasets, resuming whatever an earlier run left unfinished."""
     from .config import MemoryBudget
 
@@ -176,7 +178,7 @@ def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], plann
         num_workers_fingerprint=num_workers_fingerprint,
         max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(), progress_bar=not no_pbar,
         verify_outputs=verify_outputs, retry_quarantined=retry_quarantined, replan=replan,
-        grace_seconds=grace_seconds, dry_run=dry_run, strict=strict)
+        grace_seconds=grace_seconds, dry_run=dry_run, strict=strict, allow_oversize=allow_oversize)
     if settings.max_ram.bytes is not None:
         check_budget(settings.max_ram.bytes, settings.max_ram)
     if dry_run:
@@ -232,6 +234,9 @@ def _report(o: Any) -> None:
     if o.peak_tree:
         log.info("  peak memory of the process tree %s (budget %s)", format_bytes(o.peak_tree),
                  format_bytes(o.budget))
+        if o.budget and o.peak_tree > o.budget:
+            log.warning("  the process tree went past the budget (%s over): a case allowed past it "
+                        "(--allow-oversize), or memory held outside any case", format_bytes(o.peak_tree - o.budget))
     if o.problems:
         log.warning("  dataset problems:")
         for line in o.problems:

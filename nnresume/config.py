@@ -151,6 +151,7 @@ class PreprocessSettings:
     replan: bool = False
     grace_seconds: float = 20.0
     strict: bool = False
+    allow_oversize: bool = False
 
     def planner_arguments(self) -> dict:
         """The arguments that decide what the planner writes; part of the plans' key in the ledger."""

@@ -170,8 +170,10 @@ def markdown(name: str, command: str, spec: DemoSpec, extra: list[str], s: dict[
         f"### {name}",
         "",
         f"- command: `{command}`",
-        f"- dataset: {spec.num_cases} synthetic cases, shapes {spec.min_shape}–{spec.max_shape}, channels "
-        f"{list(spec.channels)}, mixed spacings; arguments for both tools: `{' '.join(extra) or '(defaults)'}`",
+        f"- dataset: {spec.num_cases} synthetic {spec.ndim}D `{spec.file_ending}` cases, shapes "
+        f"{spec.min_shape[3 - spec.ndim:]}–{spec.max_shape[3 - spec.ndim:]}, channels {list(spec.channel_names)}, "
+        f"{'mixed spacings' if spec.ndim == 3 else 'no spacing'}; arguments for both tools: "
+        f"`{' '.join(extra) or '(defaults)'}`",
         f"- machine: {machine()}",
         f"- median of {s['repeats']} repeats; CPU time from {s['cpu_source']}; memory = peak over the run of the "
         "sum over the process tree, sampled (RSS counts pages shared between processes once per process, "
@@ -214,6 +216,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--min-shape", type=int, nargs=3, default=(64, 192, 192))
     ap.add_argument("--max-shape", type=int, nargs=3, default=(96, 256, 256))
     ap.add_argument("--channels", nargs="+", default=["CT"])
+    ap.add_argument("--ndim", type=int, choices=(2, 3), default=3, help="2: one 2D image per case (the shapes' y, x)")
+    ap.add_argument("--file-ending", default=".nii.gz", help="e.g. .png for natural 2D images")
+    ap.add_argument("--colour", type=int, choices=(1, 3, 4), default=1, help="3: RGB in one file per case")
     ap.add_argument("--np", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--args", default="", help="extra arguments for both tools, e.g. '-gpu_memory_target 0.3'")
@@ -222,7 +227,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     spec = DemoSpec(dataset_id=980, name="Bench", num_cases=a.cases, channels=tuple(a.channels),
-                    min_shape=tuple(a.min_shape), max_shape=tuple(a.max_shape), seed=3)
+                    min_shape=tuple(a.min_shape), max_shape=tuple(a.max_shape), seed=3, ndim=a.ndim,
+                    file_ending=a.file_ending, colour=a.colour)
     raw = a.workdir / "raw"
     if not (raw / spec.folder_name / "dataset.json").exists():
         print(f"generating {spec.num_cases} cases")

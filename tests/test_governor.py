@@ -124,10 +124,17 @@ def test_stops_the_newest_case_when_the_machine_runs_out() -> None:
     assert d.stop == ["new"]
 
 
-def test_a_case_running_alone_is_never_stopped_by_the_governor() -> None:
+def test_a_case_running_alone_past_the_budget_is_stopped_for_good() -> None:
+    """The budget is a promise: alone, a case cannot get more room, so past the budget it stops (quarantined)."""
     d = decide(readings(tree=20 * GIB), [running("only", 0, GIB, 19 * GIB)], [], budget=10 * GIB, max_workers=4,
                thresholds=TH)
-    assert d.stop == []
+    assert d.stop == ["only"] and d.over_budget == ["only"]
+    # under the budget, or with --allow-oversize, it runs on
+    assert decide(readings(tree=9 * GIB), [running("only", 0, GIB, 8 * GIB)], [], budget=10 * GIB, max_workers=4,
+                  thresholds=TH).stop == []
+    lenient = Thresholds(reserve=TH.reserve, allow_oversize=True)
+    assert decide(readings(tree=20 * GIB), [running("only", 0, GIB, 19 * GIB)], [], budget=10 * GIB, max_workers=4,
+                  thresholds=lenient).stop == []
 
 
 def test_one_stop_at_a_time() -> None:

@@ -141,7 +141,7 @@ def run(scripts: dict[str, list[Script]], estimates: dict[str, int], budget: int
     pool = FakePool(scripts)
     attempts: list[Any] = []
     runner = Runner(pool, budget, workers, Estimator(), 1, attempts.append, lambda samples: None, stop or StopFlag(),
-                    0.0, Thresholds(reserve=256 * MIB))
+                    0.0, Thresholds(reserve=256 * MIB), sample_every=0.0)
     scheduler = Scheduler(workers)
     for case, estimate in estimates.items():
         scheduler.add(Spec(case), estimate, {"fingerprint": 1000})
@@ -227,3 +227,13 @@ def test_a_signal_during_a_run_stops_running_cases_after_the_grace() -> None:
     rec = Recorder()
     stats = runner.run(scheduler, rec)
     assert stats.halted == "stopped by SIGINT" and rec.ended == [("a", TaskState.pending, False)]
+
+
+def test_a_case_alone_past_the_budget_is_quarantined_at_once_with_the_budget_it_needs() -> None:
+    scripts = {"huge": [Script(ticks=20, peak=6 * GIB, grow=GIB)], "small": [Script()]}
+    pool, rec, (stats, attempts) = run(scripts, {"huge": GIB, "small": 100 * MIB}, budget=2 * GIB, workers=1)
+    assert stats.quarantined == 1 and stats.done == 1 and pool.submitted.count("huge") == 1, "no second try"
+    (quarantined,) = [a for a in attempts if a.case_name == "huge"]
+    assert "over the budget 2.0 GiB although it ran alone" in quarantined.message
+    assert "--retry-quarantined --max-ram 4G" in quarantined.message  # 2.5 GiB seen, and a quarter more
+    assert ("huge", TaskState.quarantined, False) in rec.ended

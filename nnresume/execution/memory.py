@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import psutil
 
@@ -48,6 +48,7 @@ class Thresholds:
     reserve: int = 512 * MIB  # free memory (cgroup-aware) below which no case starts
     stop_fraction: float = 0.95  # tree memory above this fraction of the budget: stop the newest case
     critical_free: float = 0.5  # free memory below this fraction of the reserve: stop the newest case
+    allow_oversize: bool = False  # --allow-oversize: a case alone may go past the budget
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -129,6 +130,19 @@ class TreeSampler:
             self.shared.pop(pid, None)
         return Readings(tree=overhead + sum(per_task.values()), overhead=overhead, available=self._available(),
                         per_task=per_task)
+
+    def private_of(self, pid: int) -> Optional[int]:
+        """A process's private memory now: its RSS less what it shared at the last full read (cheap), or a full
+        read if there was none. None when the process is gone."""
+        rss = self._rss(pid)
+        if rss is None:
+            return None
+        if pid not in self.shared:
+            uss = self._uss(pid)
+            if uss is None:
+                return None
+            self.shared[pid] = max(0, rss - uss)
+        return max(0, rss - self.shared[pid])
 
     def shared_of(self, pid: int) -> int:
         """Pages `pid` shares with the forkserver; read now if no full read of it was made yet (a task that
@@ -245,6 +259,19 @@ class RunningCase:
     alone: bool = False
 
 
+class Candidate(Protocol):
+    """A waiting case as the governor sees it (the scheduler's queue items, or `Waiting`)."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def estimate(self) -> int: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def blocking(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class Waiting:
     task_id: str
@@ -259,15 +286,22 @@ class Decision:
     alone: list[str] = field(default_factory=list)  # admitted with nothing else allowed beside them
     oversized: list[str] = field(default_factory=list)  # admitted alone although the estimate exceeds the budget
     stop: list[str] = field(default_factory=list)
+    over_budget: list[str] = field(default_factory=list)  # stopped for good: alone, it went past the budget
     reason: str = ""
 
 
-def decide(readings: Readings, running: list[RunningCase], waiting: list[Waiting], budget: int, max_workers: int,
+def decide(readings: Readings, running: list[RunningCase], waiting: Sequence[Candidate], budget: int, max_workers: int,
            thresholds: Thresholds = DEFAULT_THRESHOLDS, stops_pending: int = 0) -> Decision:
     """What to start and what to stop now. `waiting` is in priority order (see scheduler.py)."""
     d = Decision()
     if stops_pending:
         d.reason = "waiting for a stopped case to exit"
+        return d
+    # the budget is a promise: a case running alone cannot get more room than it has, so past the budget it stops
+    if len(running) == 1 and readings.tree > budget and not thresholds.allow_oversize:
+        d.stop.append(running[0].task_id)
+        d.over_budget.append(running[0].task_id)
+        d.reason = f"memory {readings.tree} over budget {budget} with one case running"
         return d
     # throttle: the tree nears the budget, or the machine nears its limit for reasons of its own
     if len(running) > 1 and (readings.tree > thresholds.stop_fraction * budget

@@ -24,6 +24,12 @@ from .scheduler import QueueItem, Scheduler
 log = logging.getLogger(__name__)
 
 TICK = 0.2
+SAMPLE_EVERY = 0.1  # seconds: memory is read at most this often (each reading walks every process's smaps)
+
+
+def suggest_budget(seen: int) -> str:
+    """A --max-ram that leaves a quarter more than what was seen, in whole GiB."""
+    return f"{-(-int(seen * 1.25) // 2**30)}G"
 
 
 class StopFlag:
@@ -68,6 +74,7 @@ class _Running:
     peak_rss: Optional[int] = None
     private_peak: Optional[int] = None
     stop_requested: bool = False
+    over_budget: Optional[int] = None  # the tree's memory when the governor stopped it for good, alone over budget
 
 
 @dataclass
@@ -101,21 +108,27 @@ class Runner:
                  record_attempt: Callable[[AttemptRecord], None],
                  record_samples: Callable[[list[MemorySampleRecord]], None],
                  stop: StopFlag, grace_seconds: float, thresholds: Thresholds = DEFAULT_THRESHOLDS,
-                 progress: Any = None) -> None:
+                 progress: Any = None, tick: Optional[Callable[[], None]] = None,
+                 sample_every: float = SAMPLE_EVERY) -> None:
         self.pool, self.budget, self.max_workers, self.estimator = pool, budget, max_workers, estimator
         self.run_id, self.record_attempt, self.record_samples = run_id, record_attempt, record_samples
         self.stop, self.grace, self.thresholds = stop, grace_seconds, thresholds
-        self.progress = progress
+        self.progress, self.tick, self.sample_every = progress, tick, sample_every
         self.peak_tree = 0
         self._t0 = time.monotonic()
         self._samples: list[MemorySampleRecord] = []
         self._last_kept = -1.0
         self._last_flush = time.monotonic()
+        self._last_sample = 0.0
         self.readings: Optional[Readings] = None
 
     # ---- memory -----------------------------------------------------------------------------------------------
 
     def _sample(self, running: dict[str, _Running]) -> Readings:
+        now = time.monotonic()
+        if self.readings is not None and now - self._last_sample < self.sample_every:
+            return self.readings  # events arrive far faster than memory changes when cases are small
+        self._last_sample = now
         readings = self.pool.readings()
         for task_id, mem in readings.per_task.items():
             r = running.get(task_id)
@@ -165,6 +178,7 @@ class Runner:
         failure: Optional[TaskFailed] = None
         death: Optional[Death] = None
         peak = 0
+        over = 0  # the tree's memory when the step was stopped for going past the budget
         ended = False
         while not ended:
             for event in self.pool.poll(TICK):
@@ -179,6 +193,9 @@ class Runner:
             peak = max(peak, readings.per_task.get(task.task_id, 0))
             if not ended and self.stop and (self.stop.force or time.monotonic() > (self.stop.at or 0) + self.grace):
                 self.pool.kill(task.task_id)
+            if not ended and readings.tree > self.budget and not self.thresholds.allow_oversize and not over:
+                over = readings.tree
+                self.pool.kill(task.task_id)
         outcome = "ok" if result and not failure and not death else "error" if failure else "died"
         self.record_attempt(AttemptRecord(
             run_id=self.run_id, case_name=task.case, stage=task.stage, targets=list(task.targets), started_at=wall,
@@ -189,6 +206,11 @@ class Runner:
         self.flush_samples()
         if self.stop and (death or result is None):
             raise Interrupted(self.stop.signal_name or "signal", self.stop.exit_code)
+        if over:
+            raise NnresumeError(f"the {task.stage} step was stopped at {format_bytes(over)} of process tree memory, "
+                                f"over the budget {format_bytes(self.budget)}",
+                                f"run the same command with --max-ram {suggest_budget(over)} on a machine that has it "
+                                "(finished cases are kept), or with --allow-oversize")
         if failure is not None:
             if failure.kind == "disk":
                 raise NnresumeError(failure.message, "free some space and run the same command again")
@@ -219,6 +241,8 @@ class Runner:
             else:
                 self._govern(st, readings)
             self._update_progress(stats, st.running, readings)
+            if self.tick:
+                self.tick()  # the caller's group commit, when one is due
         self.flush_samples()
         stats.peak_tree = self.peak_tree
         return stats
@@ -261,8 +285,11 @@ class Runner:
                           st.stops_pending)
         for task_id in decision.stop:
             r = st.running[task_id]
-            log.warning("case %s: stopped to stay under the memory budget (tree %s of %s); it will run again "
-                        "with more room", r.item.case, format_bytes(readings.tree), format_bytes(self.budget))
+            if task_id in decision.over_budget:
+                r.over_budget = readings.tree
+            else:
+                log.warning("case %s: stopped to stay under the memory budget (tree %s of %s); it will run again "
+                            "with more room", r.item.case, format_bytes(readings.tree), format_bytes(self.budget))
             r.stop_requested = True
             st.stops_pending += 1
             self.pool.kill(task_id)
@@ -351,6 +378,9 @@ class Runner:
                 handler.ended_badly(item, TaskState.pending, "stopped at shutdown", died=False, peak=r.peak_rss)
                 self._record(r, "stopped", death, "stopped at shutdown")
                 return
+            if r.over_budget is not None:
+                self._over_budget(r, handler, stats)
+                return
             stats.stopped += 1
             self._record(r, "stopped", death, "stopped by the memory governor")
             handler.ended_badly(item, TaskState.pending, "stopped by the memory governor", died=False,
@@ -361,6 +391,21 @@ class Runner:
         how = (f"killed by {describe_signal(death.signal)}" if death.signal
                else f"exited with code {death.exit_code} without reporting")
         self._died(r, how, scheduler, handler, stats, death)
+
+    def _over_budget(self, r: _Running, handler: StageHandler, stats: StageStats) -> None:
+        """A case alone past the budget: more room is not to be had here, so it is quarantined at once."""
+        seen = r.over_budget or 0
+        message = (f"case {r.item.case} ({handler.stage}): stopped at {format_bytes(seen)} of process tree memory, "
+                   f"over the budget {format_bytes(self.budget)} although it ran alone; quarantined")
+        hint = (f"on a machine with more memory, run the same command with --retry-quarantined --max-ram "
+                f"{suggest_budget(seen)} (or --allow-oversize to let cases alone pass the budget)")
+        self._record(r, "stopped", None, f"{message} ({hint})")
+        handler.ended_badly(r.item, TaskState.quarantined, f"{message} ({hint})", died=False, peak=r.peak_rss)
+        stats.quarantined += 1
+        if self.progress is not None:
+            self.progress.case_failed()
+        stats.messages.append(message)
+        log.error("%s\n  hint: %s", message, hint)
 
     def _died(self, r: _Running, how: str, scheduler: Scheduler, handler: StageHandler, stats: StageStats,
               death: Optional[Death]) -> None:

@@ -14,10 +14,11 @@ No SQL, no processes here: the runner applies these decisions.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .memory import Waiting
+from .memory import Candidate
 
 MAX_DEATHS = 3
 STOPS_BEFORE_ALONE = 3
@@ -55,6 +56,9 @@ class Scheduler:
         self.max_deaths = max_deaths
         self._queue: dict[str, QueueItem] = {}
         self._seq = itertools.count()
+        # the queue in priority order, kept between calls: sorting 25,000 items on every turn of the runner's loop
+        # cost more than the small cases themselves; None when it must be sorted again
+        self._ordered: Optional[list[QueueItem]] = None
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -64,13 +68,17 @@ class Scheduler:
         if deaths:
             item.max_concurrency = self._concurrency_after_deaths(deaths)
         self._queue[item.task_id] = item
+        self._ordered = None
         return item
 
     def _order(self) -> list[QueueItem]:
-        return sorted(self._queue.values(), key=lambda i: (not i.blocking, -i.estimate, i.seq))
+        if self._ordered is None:
+            self._ordered = sorted(self._queue.values(), key=lambda i: (not i.blocking, -i.estimate, i.seq))
+        return self._ordered
 
-    def waiting(self) -> list[Waiting]:
-        return [Waiting(i.task_id, i.estimate, i.max_concurrency, i.blocking) for i in self._order()]
+    def waiting(self) -> Sequence[Candidate]:
+        """The waiting items in priority order (read-only: the scheduler keeps this list)."""
+        return self._order()
 
     def get(self, task_id: str) -> QueueItem:
         return self._queue[task_id]
@@ -80,13 +88,23 @@ class Scheduler:
         if not admitted:
             return []
         order = self._order()
-        position = {i.task_id: n for n, i in enumerate(order)}
-        last = max(position[t] for t in admitted)
-        for item in order[:last]:
-            if item.task_id not in admitted:
+        wanted, positions = set(admitted), []
+        for n, item in enumerate(order):  # the admitted items are at the front: the governor walks from there
+            if item.task_id in wanted:
+                positions.append(n)
+                if len(positions) == len(wanted):
+                    break
+        reordered = False
+        for item in order[:positions[-1]]:
+            if item.task_id not in wanted:
                 item.bypassed += 1
-                if item.bypassed > self.max_bypass:
-                    item.blocking = True
+                if item.bypassed > self.max_bypass and not item.blocking:
+                    item.blocking = reordered = True
+        if reordered:
+            self._ordered = None
+        else:
+            for n in reversed(positions):
+                del order[n]
         return [self._queue.pop(t) for t in admitted]
 
     def _concurrency_after_deaths(self, deaths: int) -> int:
@@ -118,5 +136,6 @@ class Scheduler:
     def _requeue(self, item: QueueItem) -> None:
         item.bypassed = 0
         item.blocking = item.max_concurrency == 1 or item.blocking
+        self._ordered = None
         self._queue[item.task_id] = item
 

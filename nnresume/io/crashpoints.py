@@ -39,6 +39,12 @@ def set_case(case: Optional[str]) -> None:
     _current_case = case
 
 
+def start_task(case: Optional[str]) -> None:
+    """A worker starts a task: `<point>:<n>` counts from here, as if each task ran in a process of its own."""
+    _counts.clear()
+    set_case(case)
+
+
 def _target() -> tuple[str, int] | None:
     spec = os.environ.get(ENV)
     if not spec:

@@ -5,8 +5,9 @@ its commit is the moment a case's files in a configuration folder become trusted
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -166,6 +167,57 @@ class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._case_ids: dict[str, int] = {}
+        self._grouping = False
+        self._group: Optional[Session] = None
+        self.group_opened = 0.0  # time.monotonic() of the group's first write
+        # a group's fingerprint and output rows by (kind, case id, data identifier): found again without a query,
+        # and without the flush of everything pending that a query would cost first
+        self._rows: dict[tuple[str, int, str], Any] = {}
+        self._found_in: Optional[set[int | None]] = None
+
+    # ---- writing: one transaction per operation, or a group of operations committed together -------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        if not self._grouping:
+            with self._session() as s, s.begin():
+                yield s
+            return
+        if self._group is None:
+            self._group = self._session()
+            self._group.begin()
+            self.group_opened = time.monotonic()
+        yield self._group
+
+    def start_group(self) -> None:
+        """From now until `end_group`, writes join one transaction that `commit_group` commits: tasks that finish
+        close together cost one commit (and one fsync of the ledger) instead of one each."""
+        self._grouping = True
+
+    @property
+    def group_pending(self) -> bool:
+        return self._group is not None
+
+    def commit_group(self) -> None:
+        group, self._group = self._group, None
+        self._rows.clear()
+        if group is None:
+            return
+        try:
+            group.commit()
+        except BaseException:
+            group.rollback()
+            self._case_ids.clear()  # what the rolled-back transaction created is gone
+            self._found_in = None
+            raise
+        finally:
+            group.close()
+
+    def end_group(self) -> None:
+        try:
+            self.commit_group()
+        finally:
+            self._grouping = False
 
     @classmethod
     def open(cls, path: str, create: bool = True) -> Ledger:
@@ -193,7 +245,7 @@ class Ledger:
 
     def start_run(self, command: str, arguments: dict[str, Any], host: str, pid: int, pid_started_at: float | None,
                   nnunetv2_version: str, nnresume_version: str, log_file: str | None) -> int:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             run = Run(command=command, started_at=time.time(), status=RunStatus.running, arguments=arguments,
                       host=host, pid=pid, pid_started_at=pid_started_at, nnunetv2_version=nnunetv2_version,
                       nnresume_version=nnresume_version, log_file=log_file)
@@ -202,7 +254,7 @@ class Ledger:
             return run.id
 
     def update_run(self, run_id: int, **values: Any) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             s.execute(update(Run).where(Run.id == run_id).values(**values))
 
     def finish_run(self, run_id: int, status: RunStatus, reason: str | None, peak_tree_rss: int | None = None) -> None:
@@ -273,13 +325,13 @@ class Ledger:
         names = list(names)
         if not names:
             return
-        with self._session() as s, s.begin():
+        with self._write() as s:
             s.execute(delete(Case).where(Case.name.in_(names)))
         for n in names:
             self._case_ids.pop(n, None)
 
     def set_case_headers(self, headers: dict[str, dict[str, Any] | None]) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             for name, header in headers.items():
                 case_id = self._case_id(s, name)
                 s.execute(update(Case).where(Case.id == case_id).values(header=header))
@@ -296,14 +348,21 @@ class Ledger:
 
     def _fingerprint_row(self, s: Session, name: str) -> Fingerprint:
         case_id = self._case_id(s, name)
-        fp = s.get(Fingerprint, case_id)
+        grouped = s is self._group
+        fp = self._rows.get(("f", case_id, "")) if grouped else None
         if fp is None:
-            fp = Fingerprint(case_id=case_id, state=TaskState.pending, attempts=0, deaths=0, updated_at=time.time())
-            s.add(fp)
+            with s.no_autoflush:  # a pending row of this case would be in self._rows
+                fp = s.get(Fingerprint, case_id)
+            if fp is None:
+                fp = Fingerprint(case_id=case_id, state=TaskState.pending, attempts=0, deaths=0,
+                                 updated_at=time.time())
+                s.add(fp)
+            if grouped:
+                self._rows["f", case_id, ""] = fp
         return fp
 
     def fingerprint_started(self, name: str, run_id: int, estimate: int | None, attempt_key: str | None = None) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             fp = self._fingerprint_row(s, name)
             fp.attempt_key = attempt_key
             # run_id names the run that made the current result, so it is set on completion, not here
@@ -312,7 +371,7 @@ class Ledger:
 
     def fingerprint_unchanged(self, name: str, files: Sequence[InputFileInfo]) -> None:
         """The case's files were touched but hash as before: keep the result, record the new stats."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             fp = self._fingerprint_row(s, name)
             fp.state, fp.updated_at, fp.error = TaskState.done, time.time(), None
             self._write_files(s, self._case_id(s, name), files)
@@ -322,7 +381,8 @@ class Ledger:
                          spacing: list[Any], duration_s: float, peak_rss: int | None,
                          header: dict[str, Any] | None, findings: Iterable[FindingRecord] = ()) -> None:
         """A case's fingerprint result is committed; its findings (warnings) replace those of its last result."""
-        with self._session() as s, s.begin():
+        with self._write() as s, s.no_autoflush:
+            # no flush before each statement: nothing pending in a group touches this case's rows but these lines
             case_id = self._case_id(s, name)
             self._replace_findings(s, case_id, run_id, findings)
             s.execute(update(Case).where(Case.id == case_id).values(input_digest=input_digest, updated_at=time.time(),
@@ -335,11 +395,16 @@ class Ledger:
             fp.duration_s, fp.peak_rss = duration_s, peak_rss
             fp.error, fp.deaths, fp.updated_at = None, 0, time.time()
 
-    @staticmethod
-    def _replace_findings(s: Session, case_id: int | None, run_id: int | None,
+    def _replace_findings(self, s: Session, case_id: int | None, run_id: int | None,
                           findings: Iterable[FindingRecord]) -> None:
-        whose = Finding.case_id == case_id if case_id is not None else Finding.case_id.is_(None)
-        s.execute(delete(Finding).where(whose))
+        findings = list(findings)
+        if self._found_in is None:  # the cases that have findings, so that most cases cost no DELETE
+            self._found_in = set(s.scalars(select(Finding.case_id).distinct()))
+        if case_id in self._found_in or case_id is None:
+            whose = Finding.case_id == case_id if case_id is not None else Finding.case_id.is_(None)
+            s.execute(delete(Finding).where(whose))
+        if findings:
+            self._found_in.add(case_id)
         now = time.time()
         for f in findings:
             s.add(Finding(case_id=case_id, level=f.level, kind=f.kind, path=f.path, message=f.message, run_id=run_id,
@@ -347,7 +412,7 @@ class Ledger:
 
     def set_dataset_findings(self, run_id: int, findings: Iterable[FindingRecord]) -> None:
         """Dataset-level problems found by this run (they replace the last run's)."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             self._replace_findings(s, None, run_id, findings)
 
     def findings(self) -> list[FindingRecord]:
@@ -359,14 +424,14 @@ class Ledger:
     def case_failed_outright(self, name: str, run_id: int, error: str) -> None:
         """A case that cannot even be attempted (a label without images): recorded failed, as a case whose
         fingerprint failed, so that `status` and the summary name it."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             fp = self._fingerprint_row(s, name)
             fp.state, fp.error, fp.updated_at, fp.run_id = TaskState.failed, error, time.time(), run_id
 
     def fingerprint_ended_badly(self, name: str, state: TaskState, error: str, died: bool,
                                 peak_rss: int | None = None) -> None:
         """A fingerprint attempt failed (state failed/quarantined) or will be retried (state pending)."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             fp = self._fingerprint_row(s, name)
             fp.state, fp.error, fp.updated_at = state, error, time.time()
             if died:
@@ -377,26 +442,41 @@ class Ledger:
 
     def _output_row(self, s: Session, name: str, data_identifier: str, configuration: str) -> Output:
         case_id = self._case_id(s, name)
-        o = s.scalar(select(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier))
+        grouped = s is self._group
+        o = self._rows.get(("o", case_id, data_identifier)) if grouped else None
         if o is None:
-            o = Output(case_id=case_id, data_identifier=data_identifier, configuration=configuration,
-                       state=TaskState.pending, attempts=0, deaths=0, updated_at=time.time())
-            s.add(o)
+            if grouped:
+                with s.no_autoflush:  # a pending row of this case would be in self._rows
+                    o = s.scalar(select(Output).where(Output.case_id == case_id,
+                                                      Output.data_identifier == data_identifier))
+            else:
+                o = s.scalar(select(Output).where(Output.case_id == case_id,
+                                                  Output.data_identifier == data_identifier))
+            if o is None:
+                o = Output(case_id=case_id, data_identifier=data_identifier, configuration=configuration,
+                           state=TaskState.pending, attempts=0, deaths=0, updated_at=time.time())
+                s.add(o)
+            if grouped:
+                self._rows["o", case_id, data_identifier] = o
         return o
 
     def ensure_outputs(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Creates pending rows for (case, data_identifier, configuration) that have none, so `status` counts them."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             existing = {(n, d) for n, d in s.execute(select(Case.name, Output.data_identifier).join(Output.case))}
+            now = time.time()
             for name, data_identifier, configuration in rows:
                 if (name, data_identifier) not in existing:
-                    self._output_row(s, name, data_identifier, configuration)
+                    existing.add((name, data_identifier))
+                    s.add(Output(case_id=self._case_id(s, name), data_identifier=data_identifier,
+                                 configuration=configuration, state=TaskState.pending, attempts=0, deaths=0,
+                                 updated_at=now))
 
     def outputs_started(self, name: str, targets: list[tuple[str, str, str]], input_digest: str, run_id: int,
                         estimate: int | None) -> None:
         """Marks (data_identifier, configuration, config_hash) targets running: from now on their old files are not
         vouched for. The hash and digest say what this attempt is made from (a failed or quarantined row keeps them)."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             for data_identifier, configuration, config_hash in targets:
                 o = self._output_row(s, name, data_identifier, configuration)
                 o.state, o.configuration, o.estimate_bytes = TaskState.running, configuration, estimate
@@ -407,17 +487,18 @@ class Ledger:
     def output_done(self, name: str, data_identifier: str, configuration: str, run_id: int, config_hash: str,
                     input_digest: str, files: list[dict[str, Any]], duration_s: float, peak_rss: int | None) -> None:
         """The commit point: after this, the case's files in `data_identifier` are trusted."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             o = self._output_row(s, name, data_identifier, configuration)
             o.state, o.config_hash, o.input_digest, o.files = TaskState.done, config_hash, input_digest, files
             o.duration_s, o.peak_rss, o.run_id, o.error, o.deaths = duration_s, peak_rss, run_id, None, 0
             o.configuration, o.updated_at = configuration, time.time()
-            s.flush()
+            if s is not self._group:
+                s.flush()
             crashpoints.reached("ledger_commit")
 
     def outputs_ended_badly(self, name: str, data_identifiers: list[str], state: TaskState, error: str, died: bool,
                             peak_rss: int | None = None) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             case_id = self._case_id(s, name)
             for o in s.scalars(select(Output).where(Output.case_id == case_id,
                                                     Output.data_identifier.in_(data_identifiers))):
@@ -429,7 +510,7 @@ class Ledger:
 
     def invalidate_outputs(self, keys: Iterable[tuple[str, str]], reason: str) -> None:
         """Marks (case, data_identifier) rows pending: their files are no longer vouched for."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             for name, data_identifier in keys:
                 case_id = self._case_id(s, name)
                 s.execute(update(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier)
@@ -438,7 +519,7 @@ class Ledger:
 
     def reset_running(self) -> int:
         """Rows left `running` by a run that died go back to pending. Returns how many."""
-        with self._session() as s, s.begin():
+        with self._write() as s:
             n = 0
             for table in (Output, Fingerprint):
                 result: Any = s.execute(update(table).where(table.state == TaskState.running)
@@ -449,7 +530,7 @@ class Ledger:
     # ---- configurations and artifacts -------------------------------------------------------------------------
 
     def set_configurations(self, configurations: list[ConfigurationRecord]) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             s.execute(delete(Configuration))
             for c in configurations:
                 s.add(Configuration(data_identifier=c.data_identifier, configuration=c.configuration,
@@ -473,7 +554,7 @@ class Ledger:
 
     def set_artifact(self, name: str, key: str, size: int, sha256: str, run_id: int,
                      details: dict[str, Any] | None = None) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             a = s.get(Artifact, name)
             if a is None:
                 a = Artifact(name=name)
@@ -482,7 +563,7 @@ class Ledger:
 
 
     def add_attempt(self, a: AttemptRecord) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             s.add(Attempt(run_id=a.run_id, case_name=a.case_name, stage=a.stage, targets=a.targets,
                           started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome, exit_code=a.exit_code,
                           signal=a.signal, peak_rss=a.peak_rss, last_rss=a.last_rss, estimate_bytes=a.estimate_bytes,
@@ -500,7 +581,7 @@ class Ledger:
     def add_memory_samples(self, run_id: int, samples: list[MemorySampleRecord]) -> None:
         if not samples:
             return
-        with self._session() as s, s.begin():
+        with self._write() as s:
             s.add_all([MemorySample(run_id=run_id, t=m.t, tree_rss=m.tree_rss, available=m.available,
                                     budget=m.budget, running=m.running) for m in samples])
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ..config import PreprocessSettings
 from ..dataset import DatasetLayout
-from ..execution.memory import Estimator
+from ..execution.memory import Estimator, Thresholds
 from ..execution.pools.base import Pool
 from ..execution.runner import Runner, StopFlag
 from ..io import atomic, crashpoints
@@ -18,6 +19,52 @@ from ..progress import StageProgress
 from ..session import Session
 
 log = logging.getLogger(__name__)
+
+GROUP_WINDOW = 0.25  # seconds a finished task may wait for others before its ledger commit
+
+
+class GroupCommit:
+    """Tasks that finish close together are made durable together, and committed together.
+
+    Workers write and checksum files in staging; the orchestrator renames them into their folder (`place_files`).
+    Here, once the group has been open `GROUP_WINDOW` seconds (or the stage ends, or a signal stops it): one
+    `syncfs` makes every file of the group durable (an fsync per file where syncfs is not available), each folder
+    that received files is fsynced, then one ledger transaction vouches for every task of the group. So a file is
+    durable under its final name before the ledger vouches for it, as with one fsync and one commit per task; a kill
+    before the commit loses only the group's tasks, whose renamed files the next run finds unvouched and removes.
+    Measured on 2,000 small 2D cases: an fsync per file was ~1.3 ms, 10 s of worker time in all.
+    """
+
+    def __init__(self, ledger: Ledger, window: float = GROUP_WINDOW) -> None:
+        self.ledger, self.window = ledger, window
+        self.dirs: set[Path] = set()
+        self.files: list[Path] = []
+
+    def tick(self) -> None:
+        if self.ledger.group_pending and time.monotonic() - self.ledger.group_opened >= self.window:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.files:
+            synced = {atomic.syncfs(folder) for folder in _one_per_device(self.dirs)}
+            if synced != {True}:
+                for f in self.files:
+                    atomic.fsync_file(f)
+            crashpoints.reached("group_files_synced")
+        for folder in sorted(self.dirs):
+            atomic.fsync_dir(folder)
+        self.dirs.clear()
+        self.files.clear()
+        if self.ledger.group_pending:
+            crashpoints.reached("group_synced")
+        self.ledger.commit_group()
+
+
+def _one_per_device(folders: set[Path]) -> list[Path]:
+    by_device: dict[int, Path] = {}
+    for folder in sorted(folders):
+        by_device.setdefault(folder.stat().st_dev, folder)
+    return list(by_device.values())
 
 
 @dataclass
@@ -31,6 +78,7 @@ class RunContext:
     nnunetv2_version: str
     pool: Pool  # given by the caller, who starts and stops it (it may serve several datasets)
     estimator: Estimator = field(default_factory=Estimator)
+    group: Optional[GroupCommit] = None  # while a stage runs
 
     @property
     def ledger(self) -> Ledger:
@@ -47,7 +95,8 @@ class RunContext:
     def runner(self, max_workers: int, progress: Optional[StageProgress]) -> Runner:
         return Runner(self.pool, self.budget, max_workers, self.estimator, self.run_id,
                       self.ledger.add_attempt, lambda s: self.ledger.add_memory_samples(self.run_id, s),
-                      self.stop, self.settings.grace_seconds, progress=progress)
+                      self.stop, self.settings.grace_seconds, Thresholds(allow_oversize=self.settings.allow_oversize),
+                      progress=progress, tick=self.group.tick if self.group else None)
 
     def _peak(self, runner: Runner) -> None:
         self.session.peak_tree = max(self.session.peak_tree, runner.peak_tree)
@@ -55,12 +104,19 @@ class RunContext:
     def run_stage(self, desc: str, scheduler: Any, handler: Any, skipped: int) -> Any:
         """Runs a stage's queued tasks with a progress bar; returns the runner's StageStats."""
         progress = self.progress(desc, len(scheduler), skipped)
+        group = self.group = GroupCommit(self.ledger)
         runner = self.runner(scheduler.max_workers, progress)
+        self.ledger.start_group()
         try:
             return runner.run(scheduler, handler)
         finally:
-            progress.close()
-            self._peak(runner)
+            try:
+                group.flush()
+            finally:
+                self.ledger.end_group()
+                self.group = None
+                progress.close()
+                self._peak(runner)
 
     def run_one(self, task: Any) -> Any:
         """A dataset-level task in a worker (nnunetv2 is never imported by the orchestrator)."""
@@ -74,12 +130,18 @@ class RunContext:
         return StageProgress(desc, total, skipped, self.settings.progress_bar)
 
 
-def place_files(files: list[Any], folder: Path, case: Optional[str] = None) -> None:
-    """Moves staged files into `folder` in the given order, then fsyncs the folder once.
+def place_files(files: list[Any], folder: Path, case: Optional[str] = None,
+                group: Optional[GroupCommit] = None) -> None:
+    """Moves staged files into `folder` in the given order, then fsyncs the folder once (with a group, the group
+    does, once for all its tasks, before its commit).
 
-    The caller commits the ledger after this returns; until then the files are not vouched for.
+    The caller commits the ledger after this returns; until then the files are not vouched for. Files that replace
+    others of the same name: the ledger's word that the old ones are no longer vouched for (the task's row marked
+    running when it started) is committed first, so it never vouches for a file that is not the one it checked.
     """
     crashpoints.set_case(case)
+    if group is not None and group.ledger.group_pending and any((folder / f.name).exists() for f in files):
+        group.flush()
     created = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     if created:
@@ -88,7 +150,13 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None) -> N
         os.replace(f.staged_path, folder / f.name)
         if i == 0 and len(files) > 1:
             crashpoints.reached("between_renames")
-    atomic.fsync_dir(folder)
+    if group is None:
+        for f in files:
+            atomic.fsync_file(folder / f.name)
+        atomic.fsync_dir(folder)
+    else:
+        group.dirs.add(folder)
+        group.files.extend(folder / f.name for f in files)
     crashpoints.reached("renamed")
 
 

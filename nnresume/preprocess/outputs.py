@@ -166,7 +166,7 @@ class PreprocessHandler:
         assert isinstance(msg, OutputResult)
         w: OutputWork = item.spec
         ident = msg.target.data_identifier
-        place_files(list(msg.files), self.ctx.layout.data_folder(ident), w.case)
+        place_files(list(msg.files), self.ctx.layout.data_folder(ident), w.case, self.ctx.group)
         self.ctx.ledger.output_done(
             w.case, ident, msg.target.configuration, self.ctx.run_id, self.hashes[ident],
             self.records[w.case].input_digest or "",

@@ -109,15 +109,18 @@ def _hash(case: str, path: str) -> str:
 
 
 def _stage_files(staging_dir: str, case: str, names: list[str], write: Callable[[str], None]) -> tuple[StagedFile, ...]:
-    """Runs `write(prefix)` in a fresh folder, fsyncs what it wrote and returns name, size and checksum of each."""
+    """Runs `write(prefix)` in a fresh folder and returns name, size and checksum of each file it wrote.
+
+    Nothing is fsynced here: the orchestrator renames the files into their folder and makes them durable, for a
+    group of tasks at once, before the ledger commit that vouches for them (preprocess/context.py, GroupCommit).
+    """
     os.makedirs(staging_dir, exist_ok=False)
     write(os.path.join(staging_dir, case))
     staged = []
     for name in names:
         path = os.path.join(staging_dir, name)
-        atomic.fsync_file(path)
-        staged.append(StagedFile(name, path, os.path.getsize(path), atomic.file_digest(path)))
-    atomic.fsync_dir(staging_dir)
+        size, digest = atomic.size_and_digest(path)
+        staged.append(StagedFile(name, path, size, digest))
     crashpoints.reached("staged")
     return tuple(staged)
 
@@ -302,7 +305,7 @@ def run_plan(task: PlanTask, send: Callable[[Any], None]) -> None:
 def run_task(task: Any, send: Callable[[Any], None]) -> None:
     """Runs a task and reports its outcome through `send`. Never raises for a case's own failure."""
     t0 = time.time()
-    crashpoints.set_case(task.case)
+    crashpoints.start_task(task.case)
     staging = getattr(task, "staging_dir", None) or "/"
     who = f"case {task.case}" if isinstance(task, (FingerprintTask, PreprocessTask)) else f"{task.stage} step"
     try:
@@ -358,12 +361,30 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
     send(TaskFinished(time.time() - t0, peak_rss()))
 
 
-def worker_main(conn: Any, task: Any) -> None:
-    """Entry point of a worker process."""
+def _release_memory() -> None:
+    """Gives the heap's free pages back to the system between tasks (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_loop(conn: Any) -> None:
+    """Entry point of a worker process: runs the tasks it is sent, one at a time, until it is sent None (or its
+    pipe closes: the orchestrator is gone)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        run_task(task, conn.send)
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:
+                return
+            if task is None:
+                return
+            reset_peak_rss()
+            run_task(task, conn.send)
+            _release_memory()
     finally:
         conn.close()

@@ -1,16 +1,19 @@
-"""Local worker processes: one process per task, forked from a forkserver that has nnunetv2 imported.
+"""Local worker processes, forked from a forkserver that has nnunetv2 imported, each running one task at a time.
 
-Forking from a preloaded forkserver costs ~5 ms per task instead of the ~4 s a fresh interpreter spends importing
-nnunetv2, so each case gets a clean process: its peak memory is its own, a crash or an OOM kill takes nothing else
-with it, and there is no state to leak from one case to the next. The forkserver is started early so its import
-overlaps the orchestrator's own work.
+Forking from a preloaded forkserver costs milliseconds instead of the ~4 s a fresh interpreter spends importing
+nnunetv2. A worker then runs task after task: forking anew for every task cost more than nnU-Net's own work on a
+small case (see BENCHMARKS.md). A worker runs one task at a time, so a crash, an OOM kill or the governor's stop
+takes only that task with it; its peak memory is its own (the kernel's peak-RSS mark is reset before each task).
+A worker is retired, and a fresh one forked when needed, after `MAX_TASKS` tasks or when it keeps more private memory
+than `RETIRE_PRIVATE` between tasks (a heap a large case left fragmented), so nothing accumulates for long.
 
 `LocalPool` implements the runner's `Pool` interface (base.py). It also measures memory: the tree of orchestrator,
-forkserver and workers, each page once (memory.TreeSampler). How a worker ended is classified here: a message saying
-it finished, an exit code, or a signal.
+forkserver and workers, each page once (memory.TreeSampler); an idle worker's private memory counts as overhead.
+How a task ended is classified here: a message saying it finished, or its worker's exit code or signal.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -23,39 +26,43 @@ from multiprocessing import forkserver
 from typing import Any, Optional
 
 from ...tasks import Death, TaskFailed, TaskFinished
-from ..memory import Readings, TreeSampler
+from ..memory import MIB, Readings, TreeSampler
 from .base import Ended, Event, Received
 
 log = logging.getLogger(__name__)
 
 PRELOAD = ["nnresume.execution.pools.forkserver_preload"]
+MAX_TASKS = 500  # tasks a worker runs before it is retired
+RETIRE_PRIVATE = 384 * MIB  # private memory an idle worker may keep; above it, it is retired
 
 
 @dataclass
 class _Worker:
-    task: Any
     process: Any
     conn: Any
-    started: float
-    finished: bool = False  # sent TaskFinished or TaskFailed
+    task: Any = None  # the task it runs; None while idle
+    tasks_run: int = 0
+    finished: bool = False  # the current task sent TaskFinished or TaskFailed
     killed_by_us: bool = False
-    conn_open: bool = True
 
 
-def _worker_main(conn: Any, task: Any) -> None:
+def _worker_main(conn: Any) -> None:
     """Runs in the child. The import is free there (the forkserver preloaded it); keeping it out of the parent spares
     the orchestrator importing nnunetv2 on runs that only hash files."""
-    from ...worker.run import worker_main
+    from ...worker.run import worker_loop
 
-    worker_main(conn, task)
+    worker_loop(conn)
 
 
 class LocalPool:
-    def __init__(self, sampler: Optional[TreeSampler] = None) -> None:
+    def __init__(self, sampler: Optional[TreeSampler] = None, max_tasks: int = MAX_TASKS,
+                 retire_private: int = RETIRE_PRIVATE) -> None:
         self.sampler = sampler or TreeSampler()
+        self.max_tasks, self.retire_private = max_tasks, retire_private
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(PRELOAD)
-        self._workers: dict[str, _Worker] = {}
+        self._workers: list[_Worker] = []
+        self._ids = itertools.count()
         main = sys.modules.get("__main__")
         script = getattr(main, "__file__", None)
         if getattr(main, "__spec__", None) is None and script:
@@ -73,32 +80,44 @@ class LocalPool:
         pid = self.forkserver_pid()
         return [os.getpid()] + ([pid] if pid else [])
 
+    def _busy(self) -> dict[str, _Worker]:
+        return {w.task.task_id: w for w in self._workers if w.task is not None}
+
+    def pids(self) -> dict[str, int]:
+        return {t: w.process.pid for t, w in self._busy().items() if w.process.pid}
+
     def readings(self) -> Readings:
-        return self.sampler.sample(self.overhead_pids(), self.pids())
+        idle = {f"idle-{w.process.pid}": w.process.pid for w in self._workers if w.task is None and w.process.pid}
+        r = self.sampler.sample(self.overhead_pids(), {**self.pids(), **idle})
+        idle_memory = sum(r.per_task.pop(k, 0) for k in idle)
+        return Readings(r.tree, r.overhead + idle_memory, r.available, r.per_task)
 
     def private_peak(self, task_id: str, peak_rss: int) -> int:
         pid = self.pids().get(task_id)
         return peak_rss - (self.sampler.shared_of(pid) if pid else 0)
 
-    def submit(self, task: Any, estimate: int = 0) -> None:
-        parent, child = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=_worker_main, args=(child, task), name=f"nnresume-{task.case}",
+    def _start_worker(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_worker_main, args=(child,), name=f"nnresume-worker-{next(self._ids)}",
                                     daemon=False)
         process.start()
         child.close()
-        self._workers[task.task_id] = _Worker(task, process, parent, time.monotonic())
+        w = _Worker(process, parent)
+        self._workers.append(w)
+        return w
 
-    def pids(self) -> dict[str, int]:
-        return {t: w.process.pid for t, w in self._workers.items() if w.process.pid}
-
-    def started_at(self, task_id: str) -> float:
-        return self._workers[task_id].started
-
-    def running(self) -> list[str]:
-        return list(self._workers)
+    def submit(self, task: Any, estimate: int = 0) -> None:
+        w = next((w for w in self._workers if w.task is None and w.process.exitcode is None), None) \
+            or self._start_worker()
+        w.task, w.finished, w.killed_by_us = task, False, False
+        w.tasks_run += 1
+        try:
+            w.conn.send(task)
+        except (BrokenPipeError, OSError):
+            pass  # the worker died meanwhile: poll reports it as this task's death
 
     def kill(self, task_id: str) -> None:
-        w = self._workers.get(task_id)
+        w = self._busy().get(task_id)
         if w is not None and w.process.exitcode is None:
             w.killed_by_us = True
             try:
@@ -106,63 +125,87 @@ class LocalPool:
             except (ProcessLookupError, OSError):
                 pass
 
-    def _drain(self, task_id: str, w: _Worker, events: list[Event]) -> None:
-        while w.conn_open:
+    def _drain(self, w: _Worker, events: list[Event]) -> None:
+        while w.task is not None and not w.finished:
             try:
                 if not w.conn.poll():
                     return
                 msg = w.conn.recv()
             except (EOFError, OSError):
-                w.conn_open = False
                 return
             except Exception as e:  # a message cut off by the worker's death
-                log.debug("unreadable message from %s: %s", task_id, e)
-                w.conn_open = False
+                log.debug("unreadable message from %s: %s", w.task.task_id, e)
                 return
+            events.append(Received(w.task.task_id, msg))
             if isinstance(msg, (TaskFinished, TaskFailed)):
                 w.finished = True
-            events.append(Received(task_id, msg))
 
     def poll(self, timeout: float) -> list[Event]:
         events: list[Event] = []
         if not self._workers:
             time.sleep(timeout)
             return events
-        waitables = []
-        for w in self._workers.values():
-            if w.conn_open:
-                waitables.append(w.conn)
-            waitables.append(w.process.sentinel)
+        waitables = [w.process.sentinel for w in self._workers] + [w.conn for w in self._workers
+                                                                    if w.task is not None and not w.finished]
         multiprocessing.connection.wait(waitables, timeout)
-        for task_id, w in list(self._workers.items()):
-            self._drain(task_id, w, events)
-            if w.process.exitcode is None:
-                continue
-            w.process.join()
-            self._drain(task_id, w, events)
-            w.conn.close()
-            code = w.process.exitcode
-            death = None
-            if not (w.finished and code == 0):
-                death = Death(exit_code=code if code is not None and code >= 0 else None,
-                              signal=-code if code is not None and code < 0 else None,
-                              killed_by_us=w.killed_by_us)
-            del self._workers[task_id]
-            events.append(Ended(task_id, death))
+        for w in list(self._workers):
+            self._drain(w, events)
+            if w.process.exitcode is not None:
+                self._gone(w, events)
+            elif w.task is not None and w.finished:
+                events.append(Ended(w.task.task_id, None))
+                w.task = None
+                self._maybe_retire(w)
         return events
 
+    def _gone(self, w: _Worker, events: list[Event]) -> None:
+        """The worker process ended: if it was running a task that had not finished, that task died with it."""
+        w.process.join()
+        self._drain(w, events)
+        w.conn.close()
+        self._workers.remove(w)
+        if w.task is None:
+            return
+        code = w.process.exitcode
+        death = None
+        if not w.finished:
+            death = Death(exit_code=code if code is not None and code >= 0 else None,
+                          signal=-code if code is not None and code < 0 else None, killed_by_us=w.killed_by_us)
+        events.append(Ended(w.task.task_id, death))
+
+    def _maybe_retire(self, w: _Worker) -> None:
+        private = self.sampler.private_of(w.process.pid)
+        if w.tasks_run >= self.max_tasks or private is None or private > self.retire_private:
+            log.debug("retiring worker %s after %d task(s) (private memory %s)", w.process.pid, w.tasks_run, private)
+            self._stop(w)
+
+    def _stop(self, w: _Worker) -> None:
+        try:
+            w.conn.send(None)  # the worker's loop ends
+        except (BrokenPipeError, OSError):
+            pass
+        w.process.join(5)
+        if w.process.exitcode is None:
+            w.process.kill()
+            w.process.join()
+        w.conn.close()
+        self._workers.remove(w)
+
     def stop_all(self) -> None:
-        """Kills and reaps every running worker (after an error or a signal); the forkserver stays."""
-        for task_id in list(self._workers):
-            self.kill(task_id)
+        """Kills and reaps every worker running a task (after an error or a signal); idle workers stay."""
+        busy = [w for w in self._workers if w.task is not None]
+        for w in busy:
+            self.kill(w.task.task_id)
         deadline = time.monotonic() + 10
-        for w in list(self._workers.values()):
+        for w in busy:
             w.process.join(max(0.0, deadline - time.monotonic()))
             w.conn.close()
-        self._workers.clear()
+            self._workers.remove(w)
 
     def shutdown(self) -> None:
         self.stop_all()
+        for w in list(self._workers):
+            self._stop(w)
         # Stop the forkserver now, so nothing of the run outlives it. It is killed rather than asked to stop: it
         # holds no state, and asking would wait for it to finish importing nnunetv2 (~2 s) when a run that had
         # nothing to do ends before the import does.
