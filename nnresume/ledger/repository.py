@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..io import crashpoints
@@ -330,11 +330,23 @@ class Ledger:
         for n in names:
             self._case_ids.pop(n, None)
 
+    def _ensure_cases(self, s: Session, names: Iterable[str]) -> None:
+        """Rows for cases the ledger does not know yet, in one INSERT (one flush per new case, as `_case_id` does,
+        grows with the session: quadratic over 25,000 cases)."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._case_ids]
+        if not missing:
+            return
+        self._case_ids.update({n: i for i, n in s.execute(select(Case.id, Case.name))})
+        missing = [n for n in missing if n not in self._case_ids]
+        if missing:
+            now = time.time()
+            s.execute(insert(Case), [{"name": n, "updated_at": now} for n in missing])
+            self._case_ids.update({n: i for i, n in s.execute(select(Case.id, Case.name))})
+
     def set_case_headers(self, headers: dict[str, dict[str, Any] | None]) -> None:
         with self._write() as s:
-            for name, header in headers.items():
-                case_id = self._case_id(s, name)
-                s.execute(update(Case).where(Case.id == case_id).values(header=header))
+            self._ensure_cases(s, headers)
+            s.execute(update(Case), [{"id": self._case_ids[n], "header": h} for n, h in headers.items()])
 
 
     @staticmethod
@@ -463,14 +475,18 @@ class Ledger:
     def ensure_outputs(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Creates pending rows for (case, data_identifier, configuration) that have none, so `status` counts them."""
         with self._write() as s:
+            rows = list(rows)
+            self._ensure_cases(s, (name for name, _, _ in rows))
             existing = {(n, d) for n, d in s.execute(select(Case.name, Output.data_identifier).join(Output.case))}
-            now = time.time()
+            now, new = time.time(), []
             for name, data_identifier, configuration in rows:
                 if (name, data_identifier) not in existing:
                     existing.add((name, data_identifier))
-                    s.add(Output(case_id=self._case_id(s, name), data_identifier=data_identifier,
-                                 configuration=configuration, state=TaskState.pending, attempts=0, deaths=0,
-                                 updated_at=now))
+                    new.append({"case_id": self._case_ids[name], "data_identifier": data_identifier,
+                                "configuration": configuration, "state": TaskState.pending, "attempts": 0,
+                                "deaths": 0, "updated_at": now})
+            if new:
+                s.execute(insert(Output), new)
 
     def outputs_started(self, name: str, targets: list[tuple[str, str, str]], input_digest: str, run_id: int,
                         estimate: int | None) -> None:
