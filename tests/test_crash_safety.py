@@ -50,6 +50,8 @@ def _assert_consistent(dataset: Path) -> None:
     ("between_renames:3", "orchestrator"),
     ("renamed:5", "orchestrator"),
     ("ledger_commit:4", "orchestrator"),
+    ("group_files_synced:2", "orchestrator"),  # a group's files durable, its folders not yet fsynced, no commit
+    ("group_synced:2", "orchestrator"),  # everything durable, the group's ledger commit not made
     ("fingerprint_aggregate", "orchestrator"),
     ("plans_write", "orchestrator"),
 ])

@@ -11,10 +11,13 @@ Optional refinements:
                                    SIGKILL (default), SIGSEGV, exit code 3 without a word, or raise MemoryError
 
 The points, in the order a case meets them:
-    staged                after a worker's files are written and fsynced in staging, before any rename
+    staged                after a worker's files are written and checksummed in staging, before any rename
     between_renames       after the first of a case's files is moved into its configuration folder
-    renamed               after all of a case's files are in place, before the ledger commit
+    renamed               after all of a case's files are in place, before the group is made durable
     ledger_commit         inside the ledger transaction that marks the case done, before COMMIT
+    group_files_synced    after the files of a group of finished cases are durable (syncfs), before the folders'
+                          fsync and the group's ledger commit
+    group_synced          after the group's files and folders are durable, before its ledger commit
     fingerprint_aggregate while dataset_fingerprint.json is being written (temporary file written, not renamed)
     plans_write           while the plans JSON is being written (temporary file written, not renamed)
 
@@ -27,7 +30,8 @@ import signal
 from typing import Optional
 
 ENV = "NNRESUME_CRASH_AT"
-POINTS = ("staged", "between_renames", "renamed", "ledger_commit", "fingerprint_aggregate", "plans_write")
+POINTS = ("staged", "between_renames", "renamed", "ledger_commit", "group_files_synced", "group_synced",
+          "fingerprint_aggregate", "plans_write")
 
 _counts: dict[str, int] = {}
 _current_case: Optional[str] = None
