@@ -85,6 +85,9 @@ def check_ledger(dataset: Path) -> dict[str, Any]:
     con = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=60)
     try:
         integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+        if not {"outputs", "fingerprints"} <= tables:  # killed while the first run created the schema
+            return {"integrity": integrity, "corrupt_accepted": 0, "done": 0}
         corrupt = 0
         done = 0
         for ident, files in con.execute("select data_identifier, files from outputs where state='done'"):
