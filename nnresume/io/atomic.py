@@ -43,13 +43,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file, read in 1 MiB blocks (hashlib.file_digest would need Python 3.11)."""
-    h = hashlib.new(HASH_NAME)
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_BUFSIZE)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    return size_and_digest(path)[1]
 
 
 def syncfs(path: str | os.PathLike) -> bool:

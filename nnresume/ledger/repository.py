@@ -457,11 +457,8 @@ class Ledger:
         grouped = s is self._group
         o = self._rows.get(("o", case_id, data_identifier)) if grouped else None
         if o is None:
-            if grouped:
-                with s.no_autoflush:  # a pending row of this case would be in self._rows
-                    o = s.scalar(select(Output).where(Output.case_id == case_id,
-                                                      Output.data_identifier == data_identifier))
-            else:
+            # in a group, a pending row of this case would be in self._rows: no flush needed before the query
+            with s.no_autoflush if grouped else contextlib.nullcontext():
                 o = s.scalar(select(Output).where(Output.case_id == case_id,
                                                   Output.data_identifier == data_identifier))
             if o is None:

@@ -269,8 +269,8 @@ def _disk_full(path: str) -> bool:
 
 
 def _staged(path: str) -> StagedFile:
-    atomic.fsync_file(path)
-    staged = StagedFile(os.path.basename(path), path, os.path.getsize(path), atomic.file_digest(path))
+    size, digest = atomic.size_and_digest(path, sync=True)
+    staged = StagedFile(os.path.basename(path), path, size, digest)
     crashpoints.reached("staged")
     return staged
 
