@@ -18,7 +18,7 @@ from ..ledger.models import TaskState
 from ..ledger.repository import AttemptRecord, MemorySampleRecord
 from ..tasks import DatasetResult, Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
 from .memory import DEFAULT_THRESHOLDS, Estimator, Readings, RunningCase, Thresholds, decide
-from .pools.base import Ended, Pool, Received, describe_signal
+from .pools.base import Ended, Event, Pool, Received, describe_signal
 from .scheduler import QueueItem, Scheduler
 
 log = logging.getLogger(__name__)
@@ -232,14 +232,16 @@ class Runner:
         stats = StageStats()
         st = _Stage(scheduler, handler)
         while len(scheduler) or st.running:
-            self._collect(st, stats)
+            # Slots freed by tasks that ended are filled before their results are committed, so a worker waits for
+            # its next task only as long as the governor takes, not for the ledger work of the task it finished.
+            events = self._poll(st)
             readings = self._sample(st.running)
             self._honour_signal(st, stats)
-            if stats.halted:
-                if not st.running:
-                    break
-            else:
+            if not stats.halted:
                 self._govern(st, readings)
+            self._process(st, stats, events)
+            if stats.halted and not st.running:
+                break
             self._update_progress(stats, st.running, readings)
             if self.tick:
                 self.tick()  # the caller's group commit, when one is due
@@ -247,16 +249,25 @@ class Runner:
         stats.peak_tree = self.peak_tree
         return stats
 
-    def _collect(self, st: _Stage, stats: StageStats) -> None:
+    def _poll(self, st: _Stage) -> list[tuple[_Running, Event]]:
+        """The pool's events for tasks of this stage; the tasks that ended leave `running` (their slots are free)."""
+        events = []
         for event in self.pool.poll(TICK if st.running else 0.0):
             r = st.running.get(event.task_id)
             if r is None:
                 continue
+            events.append((r, event))
+            if isinstance(event, Ended):
+                del st.running[event.task_id]
+        return events
+
+    def _process(self, st: _Stage, stats: StageStats, events: list[tuple[_Running, Event]]) -> None:
+        """Commits results and classifies endings, in the order the pool reported them."""
+        for r, event in events:
             if isinstance(event, Received):
                 self._received(r, event.message, st.handler)
                 continue
             assert isinstance(event, Ended)
-            del st.running[event.task_id]
             if r.stop_requested:
                 st.stops_pending = max(0, st.stops_pending - 1)
             self._ended(r, event.death, st.scheduler, st.handler, stats, stopping=bool(self.stop))
