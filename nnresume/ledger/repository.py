@@ -168,11 +168,19 @@ class Ledger:
         self.engine = engine
         self._case_ids: dict[str, int] = {}
         self._grouping = False
-        self._group: Optional[Session] = None
-        self.group_opened = 0.0  # time.monotonic() of the group's first write
-        # a group's fingerprint and output rows by (kind, case id, data identifier): found again without a query,
-        # and without the flush of everything pending that a query would cost first
+        self._group: Optional[Session] = None  # one session from start_group to end_group, committed many times
+        self._dirty = False  # the group session holds writes not yet committed
+        self.group_opened = 0.0  # time.monotonic() of the first write since the last commit
+        # While grouping, the fingerprint and output rows by (kind, case id, data identifier), each kind loaded with
+        # one query when first needed: a task's rows are found without a query (and without the flush of everything
+        # pending that a query would cost first). The session outlives its commits (expire_on_commit is off), so
+        # the rows stay loaded for the whole stage: this process is the ledger's only writer.
         self._rows: dict[tuple[str, int, str], Any] = {}
+        self._loaded: set[str] = set()
+        # While grouping, case-level writes wait for the commit and go in one statement each: the latest values per
+        # case (input digest, header) and the latest input-file list per case.
+        self._case_updates: dict[int, dict[str, Any]] = {}
+        self._file_writes: dict[int, list[InputFileInfo]] = {}
         self._found_in: Optional[set[int | None]] = None
 
     # ---- writing: one transaction per operation, or a group of operations committed together -------------------
@@ -185,7 +193,8 @@ class Ledger:
             return
         if self._group is None:
             self._group = self._session()
-            self._group.begin()
+        if not self._dirty:
+            self._dirty = True
             self.group_opened = time.monotonic()
         yield self._group
 
@@ -196,21 +205,44 @@ class Ledger:
 
     @property
     def group_pending(self) -> bool:
-        return self._group is not None
+        return self._dirty
 
     def commit_group(self) -> None:
-        group, self._group = self._group, None
-        self._rows.clear()
-        if group is None:
+        group = self._group
+        if group is None or not self._dirty:
             return
         try:
+            self._write_deferred(group)
             group.commit()
+            self._dirty = False
         except BaseException:
-            group.rollback()
+            self._drop_group()
             self._case_ids.clear()  # what the rolled-back transaction created is gone
             self._found_in = None
             raise
-        finally:
+
+    def _write_deferred(self, s: Session) -> None:
+        updates, self._case_updates = self._case_updates, {}
+        files, self._file_writes = self._file_writes, {}
+        if updates:
+            s.execute(update(Case), [{"id": case_id, **values} for case_id, values in updates.items()])
+        ids = list(files)
+        for i in range(0, len(ids), 500):
+            s.execute(delete(InputFile).where(InputFile.case_id.in_(ids[i:i + 500])))
+        rows = [{"case_id": case_id, "role": f.role, "channel": f.channel, "path": f.path, "size": f.size,
+                 "mtime_ns": f.mtime_ns, "digest": f.digest} for case_id, fs in files.items() for f in fs]
+        if rows:
+            s.execute(insert(InputFile), rows)
+
+    def _drop_group(self) -> None:
+        self._case_updates.clear()
+        self._file_writes.clear()
+        group, self._group = self._group, None
+        self._dirty = False
+        self._rows.clear()
+        self._loaded.clear()
+        if group is not None:
+            group.rollback()
             group.close()
 
     def end_group(self) -> None:
@@ -218,6 +250,7 @@ class Ledger:
             self.commit_group()
         finally:
             self._grouping = False
+            self._drop_group()  # nothing is pending any more: the rollback only ends the session
 
     @classmethod
     def open(cls, path: str, create: bool = True) -> Ledger:
@@ -349,8 +382,10 @@ class Ledger:
             s.execute(update(Case), [{"id": self._case_ids[n], "header": h} for n, h in headers.items()])
 
 
-    @staticmethod
-    def _write_files(s: Session, case_id: int, files: Sequence[InputFileInfo]) -> None:
+    def _write_files(self, s: Session, case_id: int, files: Sequence[InputFileInfo]) -> None:
+        if s is self._group:
+            self._file_writes[case_id] = list(files)
+            return
         s.execute(delete(InputFile).where(InputFile.case_id == case_id))
         for f in files:
             s.add(InputFile(case_id=case_id, role=f.role, channel=f.channel, path=f.path, size=f.size,
@@ -361,17 +396,30 @@ class Ledger:
     def _fingerprint_row(self, s: Session, name: str) -> Fingerprint:
         case_id = self._case_id(s, name)
         grouped = s is self._group
-        fp = self._rows.get(("f", case_id, "")) if grouped else None
+        if grouped:
+            self._load_rows(s, "f")
+            fp = self._rows.get(("f", case_id, ""))
+        else:
+            fp = s.get(Fingerprint, case_id)
         if fp is None:
-            with s.no_autoflush:  # a pending row of this case would be in self._rows
-                fp = s.get(Fingerprint, case_id)
-            if fp is None:
-                fp = Fingerprint(case_id=case_id, state=TaskState.pending, attempts=0, deaths=0,
-                                 updated_at=time.time())
-                s.add(fp)
+            fp = Fingerprint(case_id=case_id, state=TaskState.pending, attempts=0, deaths=0, updated_at=time.time())
+            s.add(fp)
             if grouped:
                 self._rows["f", case_id, ""] = fp
         return fp
+
+    def _load_rows(self, s: Session, kind: str) -> None:
+        """Loads every fingerprint ("f") or output ("o") row into the group's session, once per group."""
+        if kind in self._loaded:
+            return
+        with s.no_autoflush:
+            if kind == "f":
+                for fp in s.scalars(select(Fingerprint)):
+                    self._rows["f", fp.case_id, ""] = fp
+            else:
+                for o in s.scalars(select(Output)):
+                    self._rows["o", o.case_id, o.data_identifier] = o
+        self._loaded.add(kind)
 
     def fingerprint_started(self, name: str, run_id: int, estimate: int | None, attempt_key: str | None = None) -> None:
         with self._write() as s:
@@ -397,8 +445,11 @@ class Ledger:
             # no flush before each statement: nothing pending in a group touches this case's rows but these lines
             case_id = self._case_id(s, name)
             self._replace_findings(s, case_id, run_id, findings)
-            s.execute(update(Case).where(Case.id == case_id).values(input_digest=input_digest, updated_at=time.time(),
-                                                                    **({"header": header} if header else {})))
+            values = {"input_digest": input_digest, "updated_at": time.time(), **({"header": header} if header else {})}
+            if s is self._group:
+                self._case_updates.setdefault(case_id, {}).update(values)
+            else:
+                s.execute(update(Case).where(Case.id == case_id).values(**values))
             self._write_files(s, case_id, files)
             fp = self._fingerprint_row(s, name)
             fp.state, fp.key, fp.input_digest, fp.run_id = TaskState.done, key, input_digest, run_id
@@ -455,16 +506,15 @@ class Ledger:
     def _output_row(self, s: Session, name: str, data_identifier: str, configuration: str) -> Output:
         case_id = self._case_id(s, name)
         grouped = s is self._group
-        o = self._rows.get(("o", case_id, data_identifier)) if grouped else None
+        if grouped:
+            self._load_rows(s, "o")
+            o = self._rows.get(("o", case_id, data_identifier))
+        else:
+            o = s.scalar(select(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier))
         if o is None:
-            # in a group, a pending row of this case would be in self._rows: no flush needed before the query
-            with s.no_autoflush if grouped else contextlib.nullcontext():
-                o = s.scalar(select(Output).where(Output.case_id == case_id,
-                                                  Output.data_identifier == data_identifier))
-            if o is None:
-                o = Output(case_id=case_id, data_identifier=data_identifier, configuration=configuration,
-                           state=TaskState.pending, attempts=0, deaths=0, updated_at=time.time())
-                s.add(o)
+            o = Output(case_id=case_id, data_identifier=data_identifier, configuration=configuration,
+                       state=TaskState.pending, attempts=0, deaths=0, updated_at=time.time())
+            s.add(o)
             if grouped:
                 self._rows["o", case_id, data_identifier] = o
         return o
