@@ -34,35 +34,24 @@ def run_state(layout: DatasetLayout, status: RunStatus, host: str, pid: int, pid
 
 
 def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
-    cases = ledger.load_cases()
     configurations = {c.data_identifier: c for c in ledger.configurations()}
     run = ledger.last_run("preprocess")
-    out: dict[str, Any] = {"dataset": layout.name, "ledger": str(layout.ledger), "cases": len(cases)}
+    running = run is not None and run_state(layout, run.status, run.host, run.pid, run.pid_started_at) == "running"
+    rows = ledger.status_rows(list(configurations), run.id if run is not None and running else None)
+    out: dict[str, Any] = {"dataset": layout.name, "ledger": str(layout.ledger), "cases": rows.n_cases}
 
-    fp_counts = {s: 0 for s in STATES}
-    fp_peaks = []
-    for rec in cases.values():
-        if rec.fingerprint:
-            fp_counts[rec.fingerprint.state.value] += 1
-            if rec.fingerprint.state == TaskState.done and rec.fingerprint.peak_rss:
-                fp_peaks.append(rec.fingerprint.peak_rss)
+    def counted(counts: dict[str, int]) -> dict[str, int]:
+        return {s: counts.get(s, 0) for s in STATES}
+
+    fp_counts, fp_peaks = counted(rows.fingerprint_counts), rows.fingerprint_peaks
     stages: dict[str, Any] = {"fingerprint": {
         "counts": fp_counts, "total": sum(fp_counts.values()), "peak_rss_max": max(fp_peaks, default=None),
         "peak_rss_median": int(statistics.median(fp_peaks)) if fp_peaks else None}}
 
     for ident, conf in configurations.items():
-        counts = {s: 0 for s in STATES}
-        peaks, durations = [], []
-        for rec in cases.values():
-            o = rec.outputs.get(ident)
-            if o is None:
-                continue
-            counts[o.state.value] += 1
-            if o.state == TaskState.done and o.peak_rss:
-                peaks.append((o.peak_rss, rec.name))
-            if o.state == TaskState.done and o.duration_s is not None:
-                durations.append(o.duration_s)
-        peaks.sort(reverse=True)
+        counts = counted(rows.output_counts.get(ident, {}))
+        peaks = sorted(rows.output_peaks.get(ident, []), reverse=True)
+        durations = rows.output_durations.get(ident, [])
         stages[ident] = {
             "configuration": conf.configuration, "counts": counts, "total": sum(counts.values()),
             "peak_rss_max": peaks[0][0] if peaks else None,
@@ -71,7 +60,7 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
             "mean_duration_s": statistics.fmean(durations) if durations else None,
         }
     out["stages"] = stages
-    out["failures"] = failures_by_case(cases, list(configurations))
+    out["failures"] = failures_by_case(rows.fingerprint_failures, rows.output_failures, list(configurations))
     findings = ledger.findings()
     out["problems"] = [{"kind": f.kind, "file": f.path, "message": f.message}
                        for f in findings if f.case is None and f.level == "error"]
@@ -88,38 +77,31 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
             "nnunetv2": run.nnunetv2_version, "log_file": run.log_file,
         }
         if state == "running":
-            out["progress"] = _progress(ledger, run.id, run.started_at, stages, cases, list(configurations))
+            out["progress"] = _progress(rows, run.started_at, stages, bool(configurations))
     else:
         out["last_run"] = None
     return out
 
 
-def failures_by_case(cases: dict[str, Any], idents: list[str]) -> list[dict[str, Any]]:
-    """One entry per failing case: the first stage that failed (its reason is the root cause: a case whose
-    fingerprint failed is not preprocessed either), and every stage it holds back."""
-    out = []
-    for rec in cases.values():
-        entry: Optional[dict[str, Any]] = None
-        fp = rec.fingerprint
-        if fp and fp.state in (TaskState.failed, TaskState.quarantined):
-            entry = {"case": rec.name, "stage": "fingerprint", "state": fp.state.value, "reason": fp.error,
-                     "stages": ["fingerprint"]}
-        for ident in idents:
-            o = rec.outputs.get(ident)
-            if o is None or o.state not in (TaskState.failed, TaskState.quarantined):
-                continue
-            if entry is None:
-                entry = {"case": rec.name, "stage": ident, "state": o.state.value, "reason": o.error, "stages": []}
-            entry["stages"].append(ident)
-        if entry is not None:
-            out.append(entry)
-    return out
+def failures_by_case(fingerprint: list[tuple[Any, ...]], outputs: list[tuple[Any, ...]],
+                     idents: list[str]) -> list[dict[str, Any]]:
+    """One entry per failing case, in the ledger's case order: the first stage that failed (its reason is the root
+    cause: a case whose fingerprint failed is not preprocessed either), and every stage it holds back."""
+    entries: dict[int, dict[str, Any]] = {}
+    for case_id, name, state, error in fingerprint:
+        entries[case_id] = {"case": name, "stage": "fingerprint", "state": state.value, "reason": error,
+                            "stages": ["fingerprint"]}
+    order = {ident: i for i, ident in enumerate(idents)}
+    for case_id, name, ident, state, error in sorted(
+            (o for o in outputs if o[2] in order), key=lambda o: (o[0], order[o[2]])):
+        entry = entries.setdefault(case_id, {"case": name, "stage": ident, "state": state.value, "reason": error,
+                                             "stages": []})
+        entry["stages"].append(ident)
+    return [entries[k] for k in sorted(entries)]
 
 
-def _progress(ledger: Ledger, run_id: int, started_at: float, stages: dict[str, Any],
-              cases: dict[str, Any], idents: list[str]) -> dict[str, Any]:
+def _progress(rows: Any, started_at: float, stages: dict[str, Any], planned: bool) -> dict[str, Any]:
     """Cases left in the current stage, and an ETA from this run's own rate of finished cases in it."""
-    attempts = [a for a in ledger.attempts(run_id) if a.outcome == "ok"]
     now = time.time()
     fp = stages["fingerprint"]["counts"]
     remaining_fp = fp["pending"] + fp["running"]
@@ -128,15 +110,14 @@ def _progress(ledger: Ledger, run_id: int, started_at: float, stages: dict[str, 
     else:
         # a case is left until it is done in every data folder; before planning its rows may not exist yet
         stage = "preprocess"
-        remaining = sum(1 for rec in cases.values()
-                        if not idents or any(rec.outputs.get(i) is None or rec.outputs[i].state != TaskState.done
-                                             for i in idents))
-    done = [a for a in attempts if a.stage == stage]
+        remaining = rows.n_cases - (rows.cases_complete if planned else 0)
+    done, first = rows.ok_attempts.get(stage, (0, None))
     eta = None
     if done and remaining:
-        rate = len(done) / max(1e-6, now - min(a.started_at for a in done))
+        rate = done / max(1e-6, now - first)
         eta = remaining / rate
-    return {"stage": stage, "remaining_cases": remaining, "finished_this_run": len(attempts),
+    return {"stage": stage, "remaining_cases": remaining,
+            "finished_this_run": sum(n for n, _ in rows.ok_attempts.values()),
             "elapsed_s": now - started_at, "eta_s": eta}
 
 
