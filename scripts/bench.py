@@ -90,7 +90,7 @@ def kill_at_half(raw: Path, pp: Path, spec: DemoSpec, args: list[str]) -> dict[s
 
 
 def one_repeat(raw: Path, work: Path, spec: DemoSpec, np_: int, extra: list[str], i: int,
-               log: Any) -> dict[str, Any]:
+               log: Any, kill: bool = True) -> dict[str, Any]:
     nn_args = ["-d", str(spec.dataset_id), "-npfp", str(np_), "-np", str(np_), "--no_pbar", *extra]
     our_args = ["-d", str(spec.dataset_id), "-np", str(np_), "--no-pbar", *extra]
     out: dict[str, Any] = {}
@@ -114,6 +114,8 @@ def one_repeat(raw: Path, work: Path, spec: DemoSpec, np_: int, extra: list[str]
     assert noop.returncode == 0, noop.stderr_tail
     out["noop"] = noop
     log(f"  no-op rerun: {noop.wall_s:.2f} s")
+    if not kill:
+        return out
     out["kill"] = kill_at_half(raw, fresh(work / f"kill-{i}"), spec, our_args)
     log(f"  kill at 50%: rerun {out['kill']['rerun_wall_s']:.1f} s, "
         f"{out['kill']['finished_outputs_recomputed']} finished outputs recomputed")
@@ -140,14 +142,18 @@ def summarise(runs: list[dict[str, Any]], startup: float) -> dict[str, Any]:
         "identical": all(r["identical"] for r in runs),
         "noop": med(lambda r: r["noop"].wall_s), "startup": startup,
         "efficiency": med(lambda r: r["efficiency"]),
-        "kill_rerun": med(lambda r: r["kill"]["rerun_wall_s"]),
-        "kill_rerun_ratio": _median([r["kill"]["rerun_wall_s"] / r["nnresume"].wall_s for r in runs]),
-        "recomputed": max(r["kill"]["finished_outputs_recomputed"] for r in runs),
-        "done_at_kill": med(lambda r: r["kill"]["done_at_kill"] / r["kill"]["outputs"]),
         "cpu_source": runs[0]["nnresume"].cpu_source, "repeats": len(runs),
         "per_repeat": [{"nnunet_wall": r["nnunet"].wall_s, "nnresume_wall": r["nnresume"].wall_s,
-                        "noop": r["noop"].wall_s, "kill": r["kill"]} for r in runs],
+                        "nnunet_cpu": r["nnunet"].cpu_s, "nnresume_cpu": r["nnresume"].cpu_s,
+                        "noop": r["noop"].wall_s, "kill": r.get("kill")} for r in runs],
     }
+    if all("kill" in r for r in runs):
+        s.update({
+            "kill_rerun": med(lambda r: r["kill"]["rerun_wall_s"]),
+            "kill_rerun_ratio": _median([r["kill"]["rerun_wall_s"] / r["nnresume"].wall_s for r in runs]),
+            "recomputed": max(r["kill"]["finished_outputs_recomputed"] for r in runs),
+            "done_at_kill": med(lambda r: r["kill"]["done_at_kill"] / r["kill"]["outputs"]),
+        })
     return s
 
 
@@ -190,8 +196,9 @@ def markdown(name: str, command: str, spec: DemoSpec, extra: list[str], s: dict[
         f"| outputs identical (arrays, properties, JSON) | | {'yes' if s['identical'] else 'NO'} | |",
         f"| no-op rerun, wall time | | {s['noop']:.2f} s ({s['noop'] - s['startup']:.2f} s beyond the "
         f"{s['startup']:.2f} s interpreter start-up) | |",
-        f"| rerun after SIGKILL with {s['done_at_kill'] * 100:.0f}% of outputs done | | {s['kill_rerun']:.1f} s "
-        f"({s['kill_rerun_ratio']:.2f} of a cold run); finished outputs recomputed: {s['recomputed']} | |",
+        *([f"| rerun after SIGKILL with {s['done_at_kill'] * 100:.0f}% of outputs done | | {s['kill_rerun']:.1f} s "
+           f"({s['kill_rerun_ratio']:.2f} of a cold run); finished outputs recomputed: {s['recomputed']} | |"]
+          if "kill_rerun" in s else []),
         f"| parallel efficiency (sum of per-case times / (wall x workers)) | | {s['efficiency']:.2f} | |",
         "",
     ])
@@ -225,6 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--report", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-kill", action="store_true", help="skip the kill-at-half scenario (cold runs and no-op only)")
     a = ap.parse_args(argv)
     spec = DemoSpec(dataset_id=980, name="Bench", num_cases=a.cases, channels=tuple(a.channels),
                     min_shape=tuple(a.min_shape), max_shape=tuple(a.max_shape), seed=3, ndim=a.ndim,
@@ -237,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs = []
     for i in range(a.repeats):
         print(f"repeat {i + 1}/{a.repeats}")
-        runs.append(one_repeat(raw, a.workdir, spec, a.np, extra, i, print))
+        runs.append(one_repeat(raw, a.workdir, spec, a.np, extra, i, print, kill=not a.no_kill))
     s = summarise(runs, interpreter_startup())
     args = argv if argv is not None else sys.argv[1:]
     command = "python scripts/bench.py " + " ".join(shlex.quote(x) for x in args)
