@@ -158,12 +158,17 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--allow-oversize", is_flag=True,
               help="Let a case that runs alone go past --max-ram instead of stopping and quarantining it.")
 @click.option("--dry-run", is_flag=True, help="Say what would run and why, and change nothing.")
+@click.option("--scheduler-address", default=None,
+              help="Run the cases on this Dask scheduler's workers (tcp://HOST:8786); see README, On a cluster.")
+@click.option("--scheduler-file", default=None, type=click.Path(dir_okay=False),
+              help="Run the cases on the Dask scheduler that wrote this file (dask scheduler --scheduler-file).")
 def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], planner: str, fingerprint_extractor: str,
                gpu_memory_target: Optional[float], overwrite_plans_name: Optional[str],
                overwrite_target_spacing: tuple[str, ...], preprocessor_name: str, verify_integrity: bool,
                num_workers: Optional[int], num_workers_fingerprint: Optional[int], max_ram: Optional[str],
                no_pbar: bool, verify_outputs: bool, retry_quarantined: bool, replan: bool, grace_seconds: float,
-               strict: bool, allow_oversize: bool, dry_run: bool) -> None:
+               strict: bool, allow_oversize: bool, dry_run: bool, scheduler_address: Optional[str],
+               scheduler_file: Optional[str]) -> None:
     """Fingerprint, plan and preprocess datasets, resuming whatever an earlier run left unfinished."""
     from .config import MemoryBudget
 
@@ -187,12 +192,15 @@ def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], plann
         for d in settings.datasets:
             click.echo(run_dry(settings, paths, d))
         return
-    sys.exit(preprocess_datasets(settings, paths))
+    if scheduler_address and scheduler_file:
+        raise click.UsageError("give --scheduler-address or --scheduler-file, not both")
+    sys.exit(preprocess_datasets(settings, paths, scheduler_address, scheduler_file))
 
 
-def preprocess_datasets(settings: PreprocessSettings, paths: Paths) -> int:
-    """Every dataset of `settings` in turn, with one local pool and signals turned into an orderly stop; returns
-    the exit code (the worst of the datasets', or the signal's)."""
+def preprocess_datasets(settings: PreprocessSettings, paths: Paths, scheduler_address: Optional[str] = None,
+                        scheduler_file: Optional[str] = None) -> int:
+    """Every dataset of `settings` in turn, with one pool (local, or a Dask cluster's) and signals turned into an
+    orderly stop; returns the exit code (the worst of the datasets', or the signal's)."""
     from .preprocess.pipeline import run_dataset
 
     stop = StopFlag()
@@ -207,7 +215,14 @@ def preprocess_datasets(settings: PreprocessSettings, paths: Paths) -> int:
     from .execution.pools.local import LocalPool
 
     os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
-    pool = LocalPool()
+    pool: Any
+    if scheduler_address or scheduler_file:
+        from .execution.pools.dask import DaskPool
+
+        pool = DaskPool(address=scheduler_address, scheduler_file=scheduler_file)
+        settings = pool.settings_for(settings)
+    else:
+        pool = LocalPool()
     pool.warm_up()
     try:
         for d in settings.datasets:

@@ -42,6 +42,7 @@ class FakePool:
     """A pool (pools/base.py) whose tasks follow scripts: case -> one Script per attempt."""
 
     scripts: dict[str, list[Script]]
+    on_this_machine = True
     available: int = 20 * GIB
     live: dict[str, _Live] = field(default_factory=dict)
     max_concurrent: int = 0

@@ -399,8 +399,8 @@ class Runner:
             item.units = handler.remaining_units(item)
             scheduler.stopped(item, r.peak_memory)
             return
-        how = (f"killed by {describe_signal(death.signal)}" if death.signal
-               else f"exited with code {death.exit_code} without reporting")
+        how = death.extra.get("how") or (f"killed by {describe_signal(death.signal)}" if death.signal
+                                         else f"exited with code {death.exit_code} without reporting")
         self._died(r, how, scheduler, handler, stats, death)
 
     def _over_budget(self, r: _Running, handler: StageHandler, stats: StageStats) -> None:

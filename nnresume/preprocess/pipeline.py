@@ -250,7 +250,7 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
                      budget_bytes=budget) as session:
         session.outcome.budget = budget
         limit = system.memory_limit()
-        if budget > limit:
+        if budget > limit and pool.on_this_machine:
             log.warning("--max-ram %s is more than this machine allows (%s); the machine's limit will bite first",
                         format_bytes(budget), format_bytes(limit))
         log.info("%s: %d case(s); up to %d worker(s); memory budget %s (%s available)", layout.name, len(cases),

@@ -35,6 +35,8 @@ Event = Union[Received, Ended]
 
 
 class Pool(Protocol):
+    on_this_machine: bool  # tasks run here: this machine's memory limit bounds them
+
     def warm_up(self) -> None:
         """Prepares to run tasks (starts what takes long to start) without waiting for it."""
 

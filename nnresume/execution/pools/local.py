@@ -55,6 +55,8 @@ def _worker_main(conn: Any) -> None:
 
 
 class LocalPool:
+    on_this_machine = True
+
     def __init__(self, sampler: Optional[TreeSampler] = None, max_tasks: int = MAX_TASKS,
                  retire_private: int = RETIRE_PRIVATE) -> None:
         self.sampler = sampler or TreeSampler()
