@@ -204,6 +204,19 @@ def test_deaths_lower_concurrency_then_quarantine() -> None:
     assert item.deaths == MAX_DEATHS and len(s) == 0
 
 
+def test_on_a_cluster_deaths_do_not_hold_the_other_workers_back() -> None:
+    """The cluster back end gives a retried case a whole worker; the scheduler must not also make it run alone."""
+    s = Scheduler(max_workers=8, shrink_after_deaths=False)
+    item = s.add(Spec("x"), GIB, {})
+    s.take(["t-x"])
+    assert s.died(item, 3 * GIB, "killed by SIGKILL") is True
+    s.take(["t-x"])
+    assert s.died(item, None, "killed by SIGKILL") is True
+    assert item.max_concurrency > 8 and not item.blocking and item.estimate >= 3 * GIB
+    s.take(["t-x"])
+    assert s.died(item, None, "killed by SIGKILL") is False  # still quarantined after three
+
+
 def test_governor_stops_raise_the_estimate_and_never_quarantine() -> None:
     s = Scheduler(max_workers=4)
     item = s.add(Spec("x"), GIB, {})

@@ -6,8 +6,10 @@ too often becomes *blocking*: nothing more is started past it until it starts, s
 
 Retries: a worker killed by a signal it did not get from us (the OOM killer, a segfault) or that raised MemoryError
 is retried with less concurrency: after one death with at most half as many cases beside it, after two alone; the
-third death quarantines the case. A case the governor stopped to save memory is not at fault: it goes back to the
-queue with its estimate raised to what it had reached, and after several stops it runs alone.
+third death quarantines the case. On a cluster (`shrink_after_deaths` off) the back end gives the retry a whole
+worker instead: running it alone would leave every other worker idle. A case the governor stopped to save memory
+is not at fault: it goes back to the queue with its estimate raised to what it had reached, and after several stops
+it runs alone.
 
 No SQL, no processes here: the runner applies these decisions.
 """
@@ -50,8 +52,10 @@ class QueueItem:
 
 
 class Scheduler:
-    def __init__(self, max_workers: int, max_bypass: Optional[int] = None, max_deaths: int = MAX_DEATHS) -> None:
+    def __init__(self, max_workers: int, max_bypass: Optional[int] = None, max_deaths: int = MAX_DEATHS,
+                 shrink_after_deaths: bool = True) -> None:
         self.max_workers = max_workers
+        self.shrink_after_deaths = shrink_after_deaths
         self.max_bypass = max_bypass if max_bypass is not None else max(4, 2 * max_workers)
         self.max_deaths = max_deaths
         self._queue: dict[str, QueueItem] = {}
@@ -108,6 +112,8 @@ class Scheduler:
         return [self._queue.pop(t) for t in admitted]
 
     def _concurrency_after_deaths(self, deaths: int) -> int:
+        if not self.shrink_after_deaths:
+            return 1 << 30
         return 1 if deaths >= 2 else max(1, self.max_workers // 2)
 
     def died(self, item: QueueItem, memory_seen: Optional[int], how: str) -> bool:

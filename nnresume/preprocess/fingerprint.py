@@ -180,7 +180,8 @@ class FingerprintHandler:
 
 def run_fingerprints(ctx: RunContext, plan: FingerprintPlan, records: dict[str, CaseRecord],
                      dataset_json: dict[str, Any], reader_writer: str) -> Any:
-    scheduler = Scheduler(ctx.settings.num_workers_fingerprint or ctx.workers)
+    scheduler = Scheduler(ctx.settings.num_workers_fingerprint or ctx.workers,
+                          shrink_after_deaths=ctx.pool.on_this_machine)
     for w in plan.work:
         rec = records.get(w.case)
         header = rec.header if rec else None

@@ -190,7 +190,7 @@ def run_outputs(ctx: RunContext, plan: PreprocessPlan, records: dict[str, CaseRe
     confs = {c.data_identifier: c for c in plan.configurations}
     rows = [(w.case, t.data_identifier, t.configuration) for w in plan.work for t in w.targets]
     ctx.ledger.ensure_outputs(rows)
-    scheduler = Scheduler(ctx.workers)
+    scheduler = Scheduler(ctx.workers, shrink_after_deaths=ctx.pool.on_this_machine)
     for w in plan.work:
         rec = records[w.case]
         units = {}

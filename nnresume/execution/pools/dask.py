@@ -21,7 +21,8 @@ waiting forever): it fails with a message saying so. Without a MEMORY resource o
 without a request, and Dask places them by threads alone.
 
 A case whose worker died is retried with more room: its next request is the largest MEMORY any worker declares,
-so it gets a worker to itself (the runner, besides, runs it with fewer cases beside it, then alone).
+so it gets a worker to itself (and the runner does not hold the rest of the cluster back for it, as it would
+on one machine: see scheduler.py).
 
 The coordinator's governor (memory.decide) must not throttle the cluster by the coordinator's RAM. So:
 - `readings()` reports the coordinator process only (one RSS read, no network; it is called up to ten times a
