@@ -218,7 +218,9 @@ def run_campaign(kills: int, workdir: Path, seed: int, workers: int, cases: int,
         result["identical"] &= same
         result["unvouched_files"] += len(_unvouched(dataset))
         log(f"episode {result['episodes']}: {result['kills']} kills so far; identical={same} "
-            f"corrupt_accepted={result['corrupt_accepted']} lost={lost}")
+            f"corrupt_accepted={result['corrupt_accepted']} lost={lost} integrity_failures="
+            f"{result['integrity_failures']} unvouched={result['unvouched_files']} "
+            f"orphaned={result['orphaned_processes']}")
     result["kills_by_mode"] = dict(result["kills_by_mode"])
     result["seconds"] = round(time.monotonic() - started, 1)
     result["ok"] = (result["corrupt_accepted"] == 0 and result["cases_lost"] == 0 and result["identical"]
