@@ -422,14 +422,15 @@ class Runner:
               death: Optional[Death]) -> None:
         item = r.item
         likely = " (the out-of-memory killer, or a kill -9)" if death and death.signal == 9 else ""
-        detail = (f"{how}{likely} at {format_bytes(r.peak_memory or None)} private memory; estimate "
-                  f"{format_bytes(item.estimate)}, budget {format_bytes(self.budget)}")
+        seen = f" at {format_bytes(r.peak_memory)} private memory" if r.peak_memory else ""
+        detail = f"{how}{likely}{seen}; estimate {format_bytes(item.estimate)}, budget {format_bytes(self.budget)}"
         self._record(r, "died", death, detail)
         item.units = handler.remaining_units(item)
         if scheduler.died(item, r.peak_memory, how):
             stats.retried += 1
             handler.ended_badly(item, TaskState.pending, f"worker {detail}; retrying", died=True, peak=r.peak_rss)
-            alone = " alone" if item.max_concurrency == 1 else " with fewer cases beside it"
+            alone = (" alone" if item.max_concurrency == 1 else " with fewer cases beside it"
+                     if item.max_concurrency < scheduler.max_workers else "")
             log.warning("case %s (%s): worker %s; retrying%s (death %d of %d)", item.case, handler.stage, detail,
                         alone, item.deaths, scheduler.max_deaths)
         else:

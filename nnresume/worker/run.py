@@ -384,7 +384,10 @@ def worker_loop(conn: Any) -> None:
             if task is None:
                 return
             reset_peak_rss()
-            run_task(task, conn.send)
+            try:
+                run_task(task, conn.send)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the orchestrator is gone (killed): nobody is left to tell
             _release_memory()
     finally:
         conn.close()

@@ -38,7 +38,7 @@ from .base import Ended, Received
 from .local import LocalPool
 
 CHECK_EVERY = 0.5  # seconds between checks that the task is still wanted
-LOST = "was lost with its Dask worker (killed, out of memory, or its node gone)"
+LOST = "lost with its Dask worker (the worker was killed, ran out of memory, or its node is gone)"
 MARKER_SUFFIX = ".started"
 
 
