@@ -31,7 +31,7 @@ from .execution.runner import StopFlag
 log = logging.getLogger("nnresume")
 
 # nnU-Net's CLI takes several values after one flag (argparse nargs='+'); click takes one per flag.
-MULTI_VALUE = {"-d", "-c", "-overwrite_target_spacing"}
+MULTI_VALUE = {"-d", "-c", "-f", "-overwrite_target_spacing"}
 
 
 class NnUNetStyleCommand(click.Command):
@@ -274,13 +274,136 @@ def _report(o: Any) -> None:
 
 
 @main.command(cls=NnUNetStyleCommand)
-@click.option("-d", "datasets", multiple=True, required=True, help="Dataset id or name; several allowed.")
+@click.option("-i", "input_folder", required=True, type=click.Path(file_okay=False),
+              help="Input folder: files named <case>_0000<file ending>, one per channel, as for nnUNetv2_predict.")
+@click.option("-o", "output_folder", required=True, type=click.Path(file_okay=False),
+              help="Output folder; it also holds the ledger (nnresume.sqlite) and .nnresume/.")
+@click.option("-d", "dataset", default=None, help="Dataset id or name of the trained model.")
+@click.option("-c", "configuration", default=None, help="Configuration of the trained model, e.g. 3d_fullres.")
+@click.option("-f", "folds", multiple=True, help="Folds to use (ensembled): -f 0 1. Default: 0 1 2 3 4.")
+@click.option("-tr", "trainer", default="nnUNetTrainer", show_default=True, help="Trainer class of the model.")
+@click.option("-p", "plans", default="nnUNetPlans", show_default=True, help="Plans identifier.")
+@click.option("-m", "model_folder", default=None, type=click.Path(file_okay=False),
+              help="Trained model folder (with fold_X/ subfolders), instead of -d/-tr/-p/-c.")
+@click.option("-chk", "checkpoint", default="checkpoint_final.pth", show_default=True, help="Checkpoint file name.")
+@click.option("-step_size", "step_size", type=float, default=0.5, show_default=True,
+              help="Sliding window step size (at most 1).")
+@click.option("--disable_tta", "--disable-tta", "disable_tta", is_flag=True,
+              help="No test-time mirroring (faster, less accurate).")
+@click.option("--save_probabilities", "--save-probabilities", "save_probabilities", is_flag=True,
+              help="Also write the class probabilities (.npz) and properties (.pkl).")
+@click.option("-device", "device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu", "mps"]),
+              help="Device the network runs on.")
+@click.option("-npp", "num_workers", type=click.IntRange(min=1), default=3, show_default=True,
+              help="At most this many cases at once (each read, preprocessed, predicted and exported in its worker).")
+@click.option("-nps", "num_workers_export", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Accepted as nnUNetv2_predict's; each case is exported by the worker that predicted it.")
+@click.option("--verbose", "verbose", is_flag=True, help="nnU-Net's own verbose output, in the run's log.")
+@click.option("--max-ram", "max_ram", default=None, help="Memory budget, as for preprocess.")
+@click.option("--no-pbar", "--no_pbar", "--disable_progress_bar", "no_pbar", is_flag=True, help="No progress bar.")
+@click.option("--retry-quarantined", is_flag=True, help="Try quarantined cases again even if nothing changed.")
+@click.option("--grace", "grace_seconds", type=float, default=20.0, show_default=True,
+              help="Seconds running cases get to finish after SIGINT/SIGTERM before they are stopped.")
+@click.option("--dry-run", is_flag=True, help="Say which cases would be predicted and why, and change nothing.")
+def predict(input_folder: str, output_folder: str, dataset: Optional[str], configuration: Optional[str],
+            folds: tuple[str, ...], trainer: str, plans: str, model_folder: Optional[str], checkpoint: str,
+            step_size: float, disable_tta: bool, save_probabilities: bool, device: str, num_workers: int,
+            num_workers_export: int, verbose: bool, max_ram: Optional[str], no_pbar: bool, retry_quarantined: bool,
+            grace_seconds: float, dry_run: bool) -> None:
+    """Predict every case in -i with a trained model into -o, resuming whatever an earlier run left unfinished.
+
+    nnU-Net's own predictor does the work (preprocessing, sliding window, export), so the files are those
+    nnUNetv2_predict writes. A rerun predicts only what is missing, changed, or fails verification.
+    """
+    from .config import MemoryBudget
+    from .predict.model import DEFAULT_FOLDS, PredictSettings
+
+    if model_folder and (dataset or configuration):
+        raise click.UsageError("give -m MODEL_FOLDER, or -d and -c, not both")
+    if not model_folder and not (dataset and configuration):
+        raise click.UsageError("give -d DATASET and -c CONFIGURATION (or -m MODEL_FOLDER)")
+    settings = PredictSettings(
+        input_folder=input_folder, output_folder=output_folder, dataset=dataset, configuration=configuration,
+        trainer=trainer, plans=plans, model_folder=model_folder, folds=folds or DEFAULT_FOLDS, checkpoint=checkpoint,
+        step_size=step_size, disable_tta=disable_tta, save_probabilities=save_probabilities, device=device,
+        num_workers=num_workers, num_workers_export=num_workers_export, verbose=verbose,
+        max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(), progress_bar=not no_pbar, dry_run=dry_run,
+        retry_quarantined=retry_quarantined, grace_seconds=grace_seconds)
+    if settings.max_ram.bytes is not None:
+        check_budget(settings.max_ram.bytes, settings.max_ram)
+    if dry_run:
+        from .predict.run import dry_run as run_dry
+
+        click.echo(run_dry(settings))
+        return
+    sys.exit(predict_cases(settings))
+
+
+def predict_cases(settings: Any) -> int:
+    """A prediction run with a local pool and signals turned into an orderly stop; returns the exit code."""
+    from .execution.pools.local import LocalPool
+    from .predict.run import WORKER_RETIRE_PRIVATE, predict
+
+    stop = StopFlag()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set(signal.Signals(signum).name, 128 + signum)  # only set flags: the main loop acts on them
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a worker keeps its loaded network between cases: it is not retired for the memory that holds
+    pool = LocalPool(retire_private=WORKER_RETIRE_PRIVATE)
+    pool.warm_up()
+    try:
+        outcome = predict(settings, stop, pool)
+        _report(outcome)
+        return int(outcome.exit_code)
+    finally:
+        pool.shutdown()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _with_prediction_ledgers(folders: tuple[str, ...], fn: Any) -> list[Any]:
+    """`fn(layout, ledger)` for each prediction folder's ledger (`-o OUTPUT` of `nnresume predict`)."""
+    from pathlib import Path
+
+    from .dataset import DatasetLayout
+    from .ledger.repository import Ledger
+
+    out = []
+    for folder in folders:
+        path = Path(folder).resolve()
+        layout = DatasetLayout(name=str(path), raw=path, preprocessed=path)
+        if not layout.ledger.is_file():
+            raise NnresumeError(f"{path} has no ledger ({layout.ledger.name})",
+                                "give the -o folder of an `nnresume predict` run")
+        ledger = Ledger.open(str(layout.ledger), create=False)
+        try:
+            out.append(fn(layout, ledger))
+        finally:
+            ledger.close()
+    return out
+
+
+def _datasets_or_outputs(datasets: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+    if bool(datasets) == bool(outputs):
+        raise click.UsageError("give -d DATASET (preprocessing) or -o OUTPUT (a prediction folder)")
+
+
+@main.command(cls=NnUNetStyleCommand)
+@click.option("-d", "datasets", multiple=True, help="Dataset id or name; several allowed.")
+@click.option("-o", "outputs", multiple=True, type=click.Path(file_okay=False),
+              help="Instead of -d: the output folder of `nnresume predict`.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def status(datasets: tuple[str, ...], as_json: bool) -> None:
+def status(datasets: tuple[str, ...], outputs: tuple[str, ...], as_json: bool) -> None:
     """What the ledger says: counts per stage and configuration, failures, peak RAM, the last run, progress."""
     from .commands.status import build_status, render_status
 
-    reports = _with_ledgers(datasets, build_status)
+    _datasets_or_outputs(datasets, outputs)
+    if outputs:
+        reports = _with_prediction_ledgers(outputs, lambda layout, ledger: build_status(layout, ledger, "predict"))
+    else:
+        reports = _with_ledgers(datasets, build_status)
     if as_json:
         _echo_json(reports)
     else:
@@ -288,11 +411,13 @@ def status(datasets: tuple[str, ...], as_json: bool) -> None:
 
 
 @main.command(cls=NnUNetStyleCommand)
-@click.option("-d", "datasets", multiple=True, required=True, help="Dataset id or name; several allowed.")
+@click.option("-d", "datasets", multiple=True, help="Dataset id or name; several allowed.")
+@click.option("-o", "outputs", multiple=True, type=click.Path(file_okay=False),
+              help="Instead of -d: the output folder of `nnresume predict`.")
 @click.option("--full", is_flag=True, help="Also compare checksums and decode every array and pickle.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--no-pbar", "--no_pbar", "no_pbar", is_flag=True, help="No progress bar.")
-def verify(datasets: tuple[str, ...], full: bool, as_json: bool, no_pbar: bool) -> None:
+def verify(datasets: tuple[str, ...], outputs: tuple[str, ...], full: bool, as_json: bool, no_pbar: bool) -> None:
     """Re-check finished outputs against the ledger; the next preprocess redoes any that fail.
 
     Exit code 0 when everything matches, 3 when problems were found (and withdrawn from the ledger).
@@ -301,11 +426,13 @@ def verify(datasets: tuple[str, ...], full: bool, as_json: bool, no_pbar: bool) 
     from .commands.verify import verify as run_verify
     from .io.lock import DatasetLock
 
+    _datasets_or_outputs(datasets, outputs)
+
     def one(layout: Any, ledger: Any) -> Any:
         with DatasetLock(layout.lock, layout.name):  # verify withdraws rows: no run may write meanwhile
-            return run_verify(layout, ledger, full, progress=not no_pbar and not as_json)
+            return run_verify(layout, ledger, full, progress=not no_pbar and not as_json, prediction=bool(outputs))
 
-    reports = _with_ledgers(datasets, one)
+    reports = _with_prediction_ledgers(outputs, one) if outputs else _with_ledgers(datasets, one)
     if as_json:
         _echo_json([r.as_dict() for r in reports])
     else:

@@ -187,8 +187,45 @@ class IntegrityTask:
         return ["integrity"]
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A trained model as `nnresume predict` uses it: the folder nnU-Net's predictor loads, and the settings that
+    change what it predicts. `key` is their digest (predict/model.py); a worker keeps one loaded predictor per key."""
+
+    folder: str
+    folds: tuple[str, ...]
+    checkpoint: str
+    step_size: float
+    disable_tta: bool
+    save_probabilities: bool
+    device: str
+    key: str
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class PredictTask:
+    """One input case through nnU-Net's predictor: read, preprocess, sliding-window inference, export, into staging.
+    The result is an OutputResult for the target ("prediction", configuration)."""
+
+    task_id: str
+    case: str
+    images: tuple[str, ...]
+    expected: tuple[InputFileInfo, ...]  # what the orchestrator hashed; any change aborts the task
+    model: ModelSpec
+    target: Target
+    num_channels: int  # what the model's dataset.json declares
+    file_ending: str
+    staging_dir: str
+    stage: str = "predict"
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target.data_identifier]
+
+
 Task = Union[FingerprintTask, PreprocessTask, ReaderTask, AggregateTask, PlanTask, IntegrityTask, ClassCheckTask,
-             InspectTask]
+             InspectTask, PredictTask]
 
 
 @dataclass(frozen=True)

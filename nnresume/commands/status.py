@@ -33,9 +33,10 @@ def run_state(layout: DatasetLayout, status: RunStatus, host: str, pid: int, pid
     return "running" if alive else "interrupted"
 
 
-def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
+def build_status(layout: DatasetLayout, ledger: Ledger, command: str = "preprocess") -> dict[str, Any]:
+    """`command` is "preprocess" for a dataset, "predict" for a prediction folder (which has no fingerprint stage)."""
     configurations = {c.data_identifier: c for c in ledger.configurations()}
-    run = ledger.last_run("preprocess")
+    run = ledger.last_run(command)
     running = run is not None and run_state(layout, run.status, run.host, run.pid, run.pid_started_at) == "running"
     rows = ledger.status_rows(list(configurations), run.id if run is not None and running else None)
     out: dict[str, Any] = {"dataset": layout.name, "ledger": str(layout.ledger), "cases": rows.n_cases}
@@ -59,6 +60,8 @@ def build_status(layout: DatasetLayout, ledger: Ledger) -> dict[str, Any]:
             "largest_cases": [{"case": n, "peak_rss": p} for p, n in peaks[:3]] if ident != GT_IDENTIFIER else [],
             "mean_duration_s": statistics.fmean(durations) if durations else None,
         }
+    if command == "predict":
+        del stages["fingerprint"]
     out["stages"] = stages
     out["failures"] = failures_by_case(rows.fingerprint_failures, rows.output_failures, list(configurations))
     findings = ledger.findings()
@@ -103,13 +106,13 @@ def failures_by_case(fingerprint: list[tuple[Any, ...]], outputs: list[tuple[Any
 def _progress(rows: Any, started_at: float, stages: dict[str, Any], planned: bool) -> dict[str, Any]:
     """Cases left in the current stage, and an ETA from this run's own rate of finished cases in it."""
     now = time.time()
-    fp = stages["fingerprint"]["counts"]
+    fp = stages["fingerprint"]["counts"] if "fingerprint" in stages else {"pending": 0, "running": 0}
     remaining_fp = fp["pending"] + fp["running"]
     if remaining_fp:
         stage, remaining = "fingerprint", remaining_fp
     else:
         # a case is left until it is done in every data folder; before planning its rows may not exist yet
-        stage = "preprocess"
+        stage = "preprocess" if "fingerprint" in stages else "predict"
         remaining = rows.n_cases - (rows.cases_complete if planned else 0)
     done, first = rows.ok_attempts.get(stage, (0, None))
     eta = None

@@ -38,6 +38,7 @@ class VerifyReport:
     full: bool = False
     problems: list[Problem] = field(default_factory=list)
     unvouched: list[str] = field(default_factory=list)
+    command: str = "preprocess"  # the command whose next run redoes what failed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,8 +79,11 @@ def _file_ending(layout: DatasetLayout) -> str:
         return ""
 
 
-def verify(layout: DatasetLayout, ledger: Ledger, full: bool, progress: bool = True) -> VerifyReport:
-    report = VerifyReport(layout.name, full=full)
+def verify(layout: DatasetLayout, ledger: Ledger, full: bool, progress: bool = True,
+           prediction: bool = False) -> VerifyReport:
+    """A dataset's outputs, or with `prediction` a prediction folder's (its files lie in the folder itself, beside
+    files nnresume did not write: those are not listed as unvouched)."""
+    report = VerifyReport(layout.name, full=full, command="predict" if prediction else "preprocess")
     records = ledger.load_cases()
     bad_outputs: dict[tuple[str, str], str] = {}
     bad_fingerprints: dict[str, str] = {}
@@ -87,7 +91,7 @@ def verify(layout: DatasetLayout, ledger: Ledger, full: bool, progress: bool = T
         for ident, out in rec.outputs.items():
             if out.state != TaskState.done:
                 continue
-            folder = layout.data_folder(ident)
+            folder = layout.preprocessed if prediction else layout.data_folder(ident)
             for f in out.files or []:
                 report.checked_files += 1
                 problem = _check_file(folder / f["name"], f.get("size"), f.get("sha256"), full)
@@ -104,7 +108,8 @@ def verify(layout: DatasetLayout, ledger: Ledger, full: bool, progress: bool = T
                 bad_fingerprints[rec.name] = f"verify: fingerprint result {problem}"
 
     idents = {ident for rec in records.values() for ident in rec.outputs}
-    report.unvouched = [str(p) for p in unvouched_files(layout, records, idents, _file_ending(layout))]
+    if not prediction:
+        report.unvouched = [str(p) for p in unvouched_files(layout, records, idents, _file_ending(layout))]
 
     for key, reason in bad_outputs.items():
         ledger.invalidate_outputs([key], reason)
@@ -117,7 +122,7 @@ def render(report: VerifyReport) -> str:
     lines = [f"{report.dataset}: checked {report.checked_files} file(s) "
              f"({'sizes, checksums and decoding' if report.full else 'sizes; --full also checks checksums'})"]
     if report.problems:
-        lines.append(f"{len(report.problems)} problem(s); the next `nnresume preprocess` redoes these:")
+        lines.append(f"{len(report.problems)} problem(s); the next `nnresume {report.command}` redoes these:")
         for p in report.problems:
             lines.append(f"  case {p.case} [{p.where}] {p.file}: {p.problem}")
     else:

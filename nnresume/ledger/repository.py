@@ -722,3 +722,30 @@ class Ledger:
     def integrity_check(self) -> str:
         with self.engine.connect() as c:
             return str(c.exec_driver_sql("PRAGMA integrity_check").scalar())
+
+    # ---- prediction -------------------------------------------------------------------------------------------
+
+    def set_case_inputs(self, inputs: dict[str, tuple[str, list[InputFileInfo]]]) -> None:
+        """Each case's input digest and files as hashed now (prediction has no fingerprint stage to record them);
+        only cases whose digest or file stats changed are written."""
+        with self._write() as s:
+            self._ensure_cases(s, inputs)
+            known: dict[int, tuple[Optional[str], list[tuple[Any, ...]]]] = {}
+            for case_id, digest in s.execute(select(Case.id, Case.input_digest)):
+                known[case_id] = (digest, [])
+            for case_id, role, channel, path, size, mtime, digest in s.execute(
+                    select(InputFile.case_id, InputFile.role, InputFile.channel, InputFile.path, InputFile.size,
+                           InputFile.mtime_ns, InputFile.digest).order_by(InputFile.id)):
+                known[case_id][1].append((role, channel, path, size, mtime, digest))
+            now = time.time()
+            for name, (digest, files) in inputs.items():
+                case_id = self._case_ids[name]
+                rows = [(f.role, f.channel, f.path, f.size, f.mtime_ns, f.digest) for f in files]
+                if known.get(case_id) == (digest, rows):
+                    continue
+                s.execute(update(Case).where(Case.id == case_id).values(input_digest=digest, updated_at=now))
+                s.execute(delete(InputFile).where(InputFile.case_id == case_id))
+                if rows:
+                    s.execute(insert(InputFile), [{"case_id": case_id, "role": f.role, "channel": f.channel,
+                                                   "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
+                                                   "digest": f.digest} for f in files])

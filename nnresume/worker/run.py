@@ -39,6 +39,7 @@ from ..tasks import (
     IntegrityTask,
     OutputResult,
     PlanTask,
+    PredictTask,
     PreprocessTask,
     ReaderTask,
     StagedFile,
@@ -307,12 +308,17 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
     t0 = time.time()
     crashpoints.start_task(task.case)
     staging = getattr(task, "staging_dir", None) or "/"
-    who = f"case {task.case}" if isinstance(task, (FingerprintTask, PreprocessTask)) else f"{task.stage} step"
+    per_case = (FingerprintTask, PreprocessTask, PredictTask)
+    who = f"case {task.case}" if isinstance(task, per_case) else f"{task.stage} step"
     try:
         if isinstance(task, FingerprintTask):
             run_fingerprint(task, send)
         elif isinstance(task, PreprocessTask):
             run_preprocess(task, send)
+        elif isinstance(task, PredictTask):
+            from .predictor import run_predict  # torch's inference code only in workers that predict
+
+            run_predict(task, send)
         elif isinstance(task, ReaderTask):
             send(DatasetResult(value=nnunet.reader_writer_name(task.dataset_json, list(task.examples))))
         elif isinstance(task, AggregateTask):

@@ -1,0 +1,254 @@
+"""`nnresume predict` against `nnUNetv2_predict`, on a model made in the test session without any download.
+
+The model: a small two-channel synthetic dataset, planned by nnU-Net (no preprocessing needed), and the checkpoint
+of an initialised `nnUNetTrainer` (random weights; fold 0; the planner's small patch, fewer features per stage, so
+CPU inference takes seconds). Random weights are enough to compare two programs that run the same network.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnresume.predict.cases import list_input_cases
+from nnresume.synthetic import DemoSpec, case_name, make_dataset
+
+from .conftest import (
+    NNUNET_TIMEOUT,
+    env_for,
+    kill_group,
+    ledger_query,
+    nnunet_command,
+    run_nnresume,
+    start_nnresume,
+    wait_for,
+)
+
+SPEC = DemoSpec(dataset_id=951, name="Pred", num_cases=3, channels=("CT", "T2"), min_shape=(12, 24, 24),
+                max_shape=(16, 32, 32), seed=5)
+CONFIG = "3d_fullres"
+ARGS = ("-d", str(SPEC.dataset_id), "-c", CONFIG, "-f", "0", "-device", "cpu")
+
+MAKE_MODEL = """
+import json, os, sys
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+preprocessed, dataset, config = sys.argv[1:4]
+plans = json.load(open(os.path.join(preprocessed, dataset, "nnUNetPlans.json")))
+dataset_json = json.load(open(os.path.join(preprocessed, dataset, "dataset.json")))
+kwargs = plans["configurations"][config]["architecture"]["arch_kwargs"]
+kwargs["features_per_stage"] = [min(4 * 2 ** i, 16) for i in range(len(kwargs["features_per_stage"]))]
+# initialize() infers the dataset class from the preprocessed folder's file endings; no data is read
+data = os.path.join(preprocessed, dataset, plans["configurations"][config]["data_identifier"])
+os.makedirs(data, exist_ok=True)
+open(os.path.join(data, "placeholder.b2nd"), "wb").close()
+trainer = nnUNetTrainer(dict(plans, continue_training=False), config, 0, dataset_json, device=torch.device("cpu"))
+trainer.initialize()
+trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the mirroring axes: TTA is exercised
+os.makedirs(trainer.output_folder, exist_ok=True)
+for name, content in (("plans.json", plans), ("dataset.json", dataset_json)):
+    with open(os.path.join(trainer.output_folder_base, name), "w") as f:
+        json.dump(content, f, indent=4)
+trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+"""
+
+
+class Model:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.raw, self.preprocessed, self.results = root / "raw", root / "preprocessed", root / "results"
+        self.inputs = self.raw / SPEC.folder_name / "imagesTr"
+        self.reference = root / "reference"
+
+    def env(self) -> dict[str, str]:
+        return env_for(self.raw, self.preprocessed)
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=NNUNET_TIMEOUT)
+    assert r.returncode == 0, f"{cmd[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """The model, and nnUNetv2_predict's outputs (with probabilities) on the dataset's images."""
+    m = Model(tmp_path_factory.mktemp("predict"))
+    make_dataset(SPEC, m.raw)
+    env = m.env()
+    _run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(SPEC.dataset_id), "-c", CONFIG, "--no_pp",
+          "-npfp", "2"], env)
+    _run([sys.executable, "-c", MAKE_MODEL, str(m.preprocessed), SPEC.folder_name, CONFIG], env)
+    _run([nnunet_command("nnUNetv2_predict"), "-i", str(m.inputs), "-o", str(m.reference), *ARGS,
+          "--save_probabilities", "-npp", "1", "-nps", "1", "--disable_progress_bar"], env)
+    return m
+
+
+@pytest.fixture(scope="session")
+def model_2d(model: Model) -> Path:
+    """A 2D model of the same dataset and plans, and nnUNetv2_predict's outputs for one case; returns its inputs."""
+    env = model.env()
+    _run([sys.executable, "-c", MAKE_MODEL, str(model.preprocessed), SPEC.folder_name, "2d"], env)
+    inputs = model.root / "inputs-2d"
+    inputs.mkdir()
+    for f in model.inputs.glob(f"{case_name(SPEC, 0)}_*"):
+        shutil.copy2(f, inputs / f.name)
+    _run([nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(model.root / "reference-2d"), "-d",
+          str(SPEC.dataset_id), "-c", "2d", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps",
+          "1", "--disable_progress_bar"], env)
+    return inputs
+
+
+def copy_inputs(m: Model, dest: Path) -> Path:
+    shutil.copytree(m.inputs, dest)
+    return dest
+
+
+def predict(m: Model, inputs: Path, out: Path, *extra: str, expect: int = 0) -> str:
+    r = run_nnresume(m.raw, m.preprocessed, "predict", "-i", str(inputs), "-o", str(out), *ARGS, "--no-pbar",
+                     *extra, expect=expect)
+    return r.stdout + r.stderr
+
+
+def assert_same_predictions(ours: Path, reference: Path, cases: list[str], probabilities: bool) -> None:
+    """Decoded voxels, spacing, origin and direction of each segmentation; with probabilities, the arrays of the
+    .npz and the properties of the .pkl."""
+    import SimpleITK as sitk
+
+    for case in cases:
+        a, b = sitk.ReadImage(str(ours / f"{case}.nii.gz")), sitk.ReadImage(str(reference / f"{case}.nii.gz"))
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)), case
+        assert (a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == (b.GetSpacing(), b.GetOrigin(), b.GetDirection())
+        if probabilities:
+            pa, pb = np.load(ours / f"{case}.npz")["probabilities"], np.load(reference / f"{case}.npz")["probabilities"]
+            assert pa.dtype == pb.dtype and np.array_equal(pa, pb), case
+            with open(ours / f"{case}.pkl", "rb") as fa, open(reference / f"{case}.pkl", "rb") as fb:
+                assert repr(pickle.load(fa)) == repr(pickle.load(fb)), case
+
+
+def cases() -> list[str]:
+    return [case_name(SPEC, i) for i in range(SPEC.num_cases)]
+
+
+def done_rows(out: Path) -> dict[str, int]:
+    """case -> run id of its done prediction row."""
+    return dict(ledger_query(out / "nnresume.sqlite",
+                             "select c.name, o.run_id from outputs o join cases c on c.id = o.case_id "
+                             "where o.data_identifier='prediction' and o.state='done'"))
+
+
+@pytest.mark.slow
+def test_predictions_identical_to_nnunet(model: Model, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    predict(model, model.inputs, out, "--save_probabilities", "-npp", "2")
+    assert_same_predictions(out, model.reference, cases(), probabilities=True)
+    assert sorted(done_rows(out)) == cases()
+    for name in ("plans.json", "dataset.json"):  # as nnUNetv2_predict leaves them beside the predictions
+        assert (out / name).is_file()
+    assert not any((out / ".nnresume" / "staging").glob("*/*"))
+
+
+@pytest.mark.slow
+def test_kill_resume_and_reruns(model: Model, tmp_path: Path) -> None:
+    inputs, out = copy_inputs(model, tmp_path / "in"), tmp_path / "out"
+    ledger = out / "nnresume.sqlite"
+    proc = start_nnresume(model.raw, model.preprocessed, "predict", "-i", str(inputs), "-o", str(out), *ARGS,
+                          "--no-pbar", "-npp", "1")
+    wait_for(lambda: ledger.exists() and len(done_rows(out)) >= 1, timeout=600, proc=proc)
+    kill_group(proc, signal.SIGKILL)
+    before = done_rows(out)
+    assert 1 <= len(before) < SPEC.num_cases, "the run finished before it could be killed"
+    killed_run = ledger_query(ledger, "select max(id) from runs")[0][0]
+
+    predict(model, inputs, out, "-npp", "1")
+    after = done_rows(out)
+    assert sorted(after) == cases()
+    redone = {c for (c,) in ledger_query(ledger, "select case_name from attempts where run_id > ?", (killed_run,))}
+    assert redone == set(cases()) - set(before)
+    for case, run_id in before.items():  # finished cases were not redone: their rows are the killed run's
+        assert after[case] == run_id
+    assert_same_predictions(out, model.reference, cases(), probabilities=False)
+
+    # another model key (no test-time mirroring): every case would be predicted again
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(inputs), "-o", str(out), *ARGS,
+                     "--disable_tta", "--dry-run")
+    assert r.stdout.count(": model changed") == SPEC.num_cases, r.stdout
+
+    # nothing changed: nothing is predicted
+    n_attempts = ledger_query(ledger, "select count(*) from attempts")[0][0]
+    text = predict(model, inputs, out)
+    assert "nothing to do" in text
+    assert ledger_query(ledger, "select count(*) from attempts")[0][0] == n_attempts
+
+    # touched but the same: hashed again, not predicted
+    os.utime(inputs / f"{cases()[0]}_0000.nii.gz", (1e9, 1e9))
+    assert "nothing to do" in predict(model, inputs, out)
+    assert ledger_query(ledger, "select count(*) from attempts")[0][0] == n_attempts
+
+    # one changed input: only that case is predicted again
+    changed_case = cases()[1]
+    changed = inputs / f"{changed_case}_0001.nii.gz"
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(changed))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) * 0.5 + 7, str(changed))
+    text = predict(model, inputs, out)
+    assert "1 case(s) to do" in text, text
+    last = ledger_query(ledger, "select max(id) from runs")[0][0]
+    redone = ledger_query(ledger, "select distinct case_name from attempts where run_id=?", (last,))
+    assert redone == [(changed_case,)]
+
+    # an output cut short is found and redone
+    victim = out / f"{cases()[2]}.nii.gz"
+    victim.write_bytes(victim.read_bytes()[:100])
+    r = run_nnresume(model.raw, model.preprocessed, "verify", "-o", str(out), "--no-pbar", expect=3)
+    assert f"case {cases()[2]} [prediction] {victim}: size" in r.stdout, r.stdout
+    status = run_nnresume(model.raw, model.preprocessed, "status", "-o", str(out), "--json")
+    assert '"pending": 1' in status.stdout and '"done": 2' in status.stdout, status.stdout
+    assert "1 case(s) to do" in predict(model, inputs, out)
+    assert_same_predictions(out, model.reference, [cases()[0], cases()[2]], probabilities=False)
+
+
+@pytest.mark.slow
+def test_missing_channel_fails_that_case_only(model: Model, tmp_path: Path) -> None:
+    inputs, out = copy_inputs(model, tmp_path / "in"), tmp_path / "out"
+    bad = case_name(SPEC, 1)
+    (inputs / f"{bad}_0001.nii.gz").unlink()
+    text = predict(model, inputs, out, "-npp", "2", expect=3)
+    assert f"case {bad} ({inputs / f'{bad}_0001.nii.gz'}): channel file missing" in text, text
+    done = done_rows(out)
+    assert sorted(done) == [c for c in cases() if c != bad]
+    assert not (out / f"{bad}.nii.gz").exists()
+    assert_same_predictions(out, model.reference, sorted(done), probabilities=False)
+
+
+def test_cases_are_grouped_as_nnunet_groups_them(tmp_path: Path) -> None:
+    """As create_lists_from_splitted_dataset_folder: the identifier is the name without `_XXXX<ending>`; a case's
+    files are those named `<identifier>_<4 digits><ending>`, sorted; other endings are ignored."""
+    for name in ("b_0001.nii.gz", "b_0000.nii.gz", "a_0000.nii.gz", "a_x_0000.nii.gz", "c_0000.nrrd", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    found = list_input_cases(tmp_path, ".nii.gz")
+    assert found == {"a": (str(tmp_path / "a_0000.nii.gz"),), "a_x": (str(tmp_path / "a_x_0000.nii.gz"),),
+                     "b": (str(tmp_path / "b_0000.nii.gz"), str(tmp_path / "b_0001.nii.gz"))}
+
+
+def test_the_predict_orchestrator_never_imports_nnunetv2_or_torch() -> None:
+    code = ("import sys\nimport nnresume.predict.run, nnresume.cli\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('nnunetv2', 'torch')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_2d_predictions_identical_to_nnunet(model: Model, model_2d: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model_2d), "-o", str(out), "-d",
+                 str(SPEC.dataset_id), "-c", "2d", "-f", "0", "-device", "cpu", "--save_probabilities", "--no-pbar")
+    assert_same_predictions(out, model.root / "reference-2d", [case_name(SPEC, 0)], probabilities=True)
