@@ -26,7 +26,6 @@ from .config import (
     parse_spacing,
 )
 from .errors import EXIT_CASES_FAILED, EXIT_ERROR, EXIT_OK, NnresumeError
-from .execution.runner import StopFlag
 
 log = logging.getLogger("nnresume")
 
@@ -201,6 +200,7 @@ def preprocess_datasets(settings: PreprocessSettings, paths: Paths, scheduler_ad
                         scheduler_file: Optional[str] = None) -> int:
     """Every dataset of `settings` in turn, with one pool (local, or a Dask cluster's) and signals turned into an
     orderly stop; returns the exit code (the worst of the datasets', or the signal's)."""
+    from .execution.runner import StopFlag
     from .preprocess.pipeline import run_dataset
 
     stop = StopFlag()
@@ -342,6 +342,7 @@ def predict(input_folder: str, output_folder: str, dataset: Optional[str], confi
 def predict_cases(settings: Any) -> int:
     """A prediction run with a local pool and signals turned into an orderly stop; returns the exit code."""
     from .execution.pools.local import LocalPool
+    from .execution.runner import StopFlag
     from .predict.run import WORKER_RETIRE_PRIVATE, predict
 
     stop = StopFlag()

@@ -97,6 +97,20 @@ def head_revision(engine: Engine) -> str | None:
     return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
 
 
+# The newest migration in migrations/versions. Read-only commands compare the ledger's version with it without
+# loading alembic and parsing the migration scripts (a third of `status`'s start-up); tests/test_migrations.py checks
+# that it is alembic's head.
+HEAD_REVISION = "0003"
+
+
+def stored_revision(engine: Engine) -> str | None:
+    """The ledger's schema version as alembic recorded it (None: none recorded)."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+
 def open_engine(path: str | os.PathLike, create: bool) -> Engine:
     """Opens the ledger at `path`, creating and upgrading it to the newest schema when `create` is true.
 
@@ -114,7 +128,7 @@ def open_engine(path: str | os.PathLike, create: bool) -> Engine:
                 upgrade(engine)
         elif not inspect(engine).has_table("runs"):
             raise LedgerError(f"{path} is not an nnresume ledger (no runs table)")
-        elif current_revision(engine) != head_revision(engine):
+        elif stored_revision(engine) != HEAD_REVISION:
             raise LedgerError(f"ledger {path} has an older schema than this nnresume",
                               "run `nnresume preprocess` once to upgrade it")
     except DBAPIError as e:
