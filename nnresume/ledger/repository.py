@@ -348,7 +348,7 @@ class Ledger:
         out_cols = [getattr(Output, f) for f in ("case_id", "data_identifier", "configuration", "state",
                                                  "config_hash", "input_digest", "files", "attempts", "deaths",
                                                  "duration_s", "peak_rss", "estimate_bytes", "error", "updated_at")]
-        with self._session() as s:
+        with self.engine.connect() as s:  # Core rows: the ORM's result handling doubled the time at 25,000 cases
             by_id: dict[int, CaseRecord] = {}
             for case_id, name, digest, header in s.execute(select(Case.id, Case.name, Case.input_digest,
                                                                   Case.header)):

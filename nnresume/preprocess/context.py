@@ -167,8 +167,8 @@ def place_artifact(staged: Any, final: Path, crash_point: str) -> None:
     atomic.fsync_dir(final.parent)
 
 
-def stat_matches(path: Path, size: Optional[int]) -> bool:
+def stat_matches(path: str | os.PathLike[str], size: Optional[int]) -> bool:
     try:
-        return path.stat().st_size == size
+        return os.stat(path).st_size == size
     except OSError:
         return False

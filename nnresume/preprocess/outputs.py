@@ -77,8 +77,9 @@ def configurations_in_scope(ctx: RunContext, plans: dict[str, Any], dataset_json
 
 
 def output_reason(ctx: RunContext, out: Optional[OutputRecord], digest: Optional[str],
-                  conf: ConfigurationRecord) -> Optional[str]:
-    """Why this (case, data folder) must be made, or None if the ledger vouches for it as it is."""
+                  conf: ConfigurationRecord, folder: Optional[str] = None) -> Optional[str]:
+    """Why this (case, data folder) must be made, or None if the ledger vouches for it as it is. `folder`: the data
+    folder's path, when the caller has it (a string: this runs once per case and configuration)."""
     if out is None:
         return "new"
     if out.state != TaskState.done:
@@ -89,11 +90,11 @@ def output_reason(ctx: RunContext, out: Optional[OutputRecord], digest: Optional
         return "input changed"
     if out.config_hash != conf.config_hash:
         return "configuration changed"
-    folder = ctx.layout.data_folder(conf.data_identifier)
+    folder = folder or str(ctx.layout.data_folder(conf.data_identifier))
     for f in out.files or []:
-        path = folder / f["name"]
+        path = os.path.join(folder, f["name"])
         try:
-            size = path.stat().st_size
+            size = os.stat(path).st_size
         except OSError:
             return f"output missing: {f['name']}"
         if size != f["size"]:
@@ -114,6 +115,7 @@ def _units(rec: CaseRecord, files: CaseFiles, plans: dict[str, Any], conf: Confi
 def plan_outputs(ctx: RunContext, cases: dict[str, CaseFiles], records: dict[str, CaseRecord],
                  plans: dict[str, Any], scope: list[ConfigurationRecord]) -> PreprocessPlan:
     plan = PreprocessPlan(scope)
+    folders = {conf.data_identifier: str(ctx.layout.data_folder(conf.data_identifier)) for conf in scope}
     for name, files in cases.items():
         rec = records.get(name)
         fp = rec.fingerprint if rec else None
@@ -128,7 +130,7 @@ def plan_outputs(ctx: RunContext, cases: dict[str, CaseFiles], records: dict[str
                     and out.input_digest == rec.input_digest and out.config_hash == conf.config_hash):
                 plan.skipped_quarantined.append((name, conf.data_identifier))
                 continue
-            reason = output_reason(ctx, out, rec.input_digest, conf)
+            reason = output_reason(ctx, out, rec.input_digest, conf, folders[conf.data_identifier])
             if reason:
                 targets.append(Target(conf.data_identifier, conf.configuration))
                 reasons[conf.data_identifier] = reason
