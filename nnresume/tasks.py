@@ -56,6 +56,7 @@ class FingerprintTask:
     dataset_json: dict[str, Any] = field(default_factory=dict)
     known: tuple[InputFileInfo, ...] = ()  # the ledger's view; files whose stat matches are not hashed again
     reuse_if_unchanged: bool = False  # the ledger's result is valid if the content is unchanged
+    read_cache: str = ""  # where to keep the case as read, for this run's preprocessing (worker/readcache.py)
 
     @property
     def stage(self) -> str:
@@ -77,6 +78,7 @@ class PreprocessTask:
     dataset_json: dict[str, Any]
     targets_: tuple[Target, ...]
     staging_dir: str
+    read_cache: str = ""  # the case as the fingerprint stage read it, if it is there (worker/readcache.py)
 
     @property
     def stage(self) -> str:

@@ -92,6 +92,10 @@ class RunContext:
     def staging(self) -> Path:
         return self.session.staging
 
+    def read_cache_path(self, case: str) -> str:
+        """Where the fingerprint stage keeps a case as read, for this run's preprocessing (worker/readcache.py)."""
+        return str(self.staging / "reads" / f"{case}.pkl")
+
     def runner(self, max_workers: int, progress: Optional[StageProgress]) -> Runner:
         return Runner(self.pool, self.budget, max_workers, self.estimator, self.run_id,
                       self.ledger.add_attempt, lambda s: self.ledger.add_memory_samples(self.run_id, s),

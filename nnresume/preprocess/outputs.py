@@ -156,7 +156,8 @@ class PreprocessHandler:
         return PreprocessTask(task_id=w.task_id, case=w.case, images=w.files.images, label=w.files.label,
                               expected=expected, plans=self.plans, dataset_json=self.dataset_json,
                               targets_=tuple(w.targets),
-                              staging_dir=str(self.ctx.staging / f"{w.task_id}-{attempt}"))
+                              staging_dir=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
+                              read_cache=self.ctx.read_cache_path(w.case))
 
     def started(self, item: QueueItem) -> None:
         w: OutputWork = item.spec

@@ -363,6 +363,12 @@ def verify_dataset_integrity(raw_folder: str, num_processes: int) -> None:
 
 # ---- preprocessing ------------------------------------------------------------------------------------------------
 
+def plans_reader_writer_name(plans: dict[str, Any]) -> str:
+    """The name of the reader/writer class `DefaultPreprocessor.run_case` reads with for these plans (PlansManager
+    finds the class by this name)."""
+    return str(plans.get("image_reader_writer"))
+
+
 def read_case(plans: dict[str, Any], images: list[str], label: str,
               wrap_reader: ReaderWrap = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """What `DefaultPreprocessor.run_case` reads, read once for all configurations of a case."""

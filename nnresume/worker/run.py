@@ -51,6 +51,7 @@ from ..tasks import (
 # Importing the adapter here makes the forkserver preload nnunetv2 once for every worker it forks.
 from . import (
     nnunet,  # noqa: E402
+    readcache,
     validate,
 )
 
@@ -127,8 +128,14 @@ def _stage_files(staging_dir: str, case: str, names: list[str], write: Callable[
 
 
 def _validating(case: str, images: list[str], label: str, dataset_json: dict[str, Any],
-               observed: Optional[dict[str, Any]] = None) -> Callable[[type], type]:
-    return lambda cls: validate.validating_reader(cls, case, images, label, dataset_json, observed)
+               observed: Optional[dict[str, Any]] = None, capture: Optional[readcache.Capture] = None
+               ) -> Callable[[type], type]:
+    return lambda cls: validate.validating_reader(cls, case, images, label, dataset_json, observed, capture)
+
+
+def _file_stats(files: Any) -> list[tuple[str, int, int]]:
+    """What identifies a case's input files for the read cache: path, size and modification time of each."""
+    return sorted((f.path, f.size, f.mtime_ns) for f in files)
 
 
 def case_warnings(case: str, images: list[str], label: str, dataset_json: dict[str, Any], reader: str,
@@ -186,7 +193,8 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
     label = next(p for r, _, p in task.files if r == "label")
     validate.before_read(task.case, images, label, task.dataset_json)
     observed: dict[str, Any] = {}
-    wrap = _validating(task.case, images, label, task.dataset_json, observed)
+    capture = readcache.Capture(task.read_cache) if task.read_cache else None
+    wrap = _validating(task.case, images, label, task.dataset_json, observed, capture)
     result = validate.wrap_nnunet_errors(
         task.case, "fingerprint", images, label,
         lambda: nnunet.analyze_case(task.extractor, images, label, task.reader_writer, task.num_samples, wrap))
@@ -195,6 +203,8 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise InputChangedError(task.case, "file changed while it was being read", f.path,
                                     "rerun once the file is complete")
+    if capture is not None:
+        capture.save(task.reader_writer, _file_stats(files))
     name = f"{task.case}.fingerprint"
 
     # what aggregation needs before it reads the samples: their lengths and dtypes per channel
@@ -227,7 +237,10 @@ def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
     needs_read = any(t.data_identifier != dataset.GT_IDENTIFIER for t in task.targets_)
     validate.before_read(task.case, list(task.images), task.label, task.dataset_json)
     read = None
-    if needs_read:
+    if needs_read and task.read_cache:
+        read = readcache.load(task.read_cache, nnunet.plans_reader_writer_name(task.plans),
+                              _file_stats(task.expected))
+    if needs_read and read is None:
         wrap = _validating(task.case, list(task.images), task.label, task.dataset_json)
         read = validate.wrap_nnunet_errors(task.case, "read", list(task.images), task.label,
                                            lambda: nnunet.read_case(task.plans, list(task.images), task.label, wrap))

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import CaseError
 from ..tasks import CaseWarning
+from .readcache import Capture
 
 T = TypeVar("T")
 
@@ -279,11 +280,13 @@ def missing_tiff_spacing(case: str, image: str, label: str) -> list[CaseWarning]
 
 
 def validating_reader(reader_cls: type, case: str, images: Sequence[str], label: str,
-                      dataset_json: dict[str, Any] | None, observed: Optional[dict[str, Any]] = None) -> type:
+                      dataset_json: dict[str, Any] | None, observed: Optional[dict[str, Any]] = None,
+                      capture: Optional[Capture] = None) -> type:
     """A subclass of nnU-Net's reader/writer class that checks what it reads (see the module docstring).
 
     `observed`, if given, receives what the reader returned: `shape` (c, x, y, z) and `spacing` of the images, and
-    `warnings` (CaseWarning) for what nnU-Net accepts but alters or ignores.
+    `warnings` (CaseWarning) for what nnU-Net accepts but alters or ignores. `capture`, if given, receives copies of
+    the images and segmentation as read (readcache.py).
     """
     allowed = declared_labels(dataset_json) or None if dataset_json is not None else None
     state: dict[str, Any] = observed if observed is not None else {}
@@ -311,6 +314,8 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
             check_images(case, image_fnames, data)
             state["shape"], state["spacing"] = data.shape, props.get("spacing")
             state["image_props"] = props
+            if capture is not None:
+                capture.took_images(data, props)
             return data, props
 
         def read_seg(self, seg_fname: Any, *args: Any, **kwargs: Any) -> Any:
@@ -331,6 +336,8 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
                         state["warnings"].append(CaseWarning(
                             "background_only", seg_fname, f"case {case} ({seg_fname}): label has only background; "
                             "nnU-Net accepts this (a case without foreground), make sure it is intended"))
+            if capture is not None:
+                capture.took_seg(seg)
             return seg, props
 
     ValidatingReader.__name__ = reader_cls.__name__
