@@ -245,23 +245,35 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
                        else dataset_json['modality'].keys())
     percentiles = np.array((0.5, 50.0, 99.5))
 
-    def channel_statistics(i: int) -> dict[str, float]:
-        percentile_00_5, median, percentile_99_5 = np.percentile(foreground_intensities_per_channel[i], percentiles)
-        return {
-            'mean': float(np.mean(foreground_intensities_per_channel[i])),
-            'median': float(median),
-            'std': float(np.std(foreground_intensities_per_channel[i])),
-            'min': float(np.min(foreground_intensities_per_channel[i])),
-            'max': float(np.max(foreground_intensities_per_channel[i])),
-            'percentile_99_5': float(percentile_99_5),
-            'percentile_00_5': float(percentile_00_5),
-        }
+    def channel_percentiles(i: int) -> Any:
+        return np.percentile(foreground_intensities_per_channel[i], percentiles)
 
-    # nnU-Net computes the channels one after the other; they are independent, and NumPy's partition (most of
-    # np.percentile's time) releases the GIL, so the step, which runs alone, uses the machine's other cores. Each
-    # channel's values are computed by the same calls on the same array: the results are the same.
+    def channel_moments(i: int) -> tuple[float, float, float, float]:
+        return (float(np.mean(foreground_intensities_per_channel[i])),
+                float(np.std(foreground_intensities_per_channel[i])),
+                float(np.min(foreground_intensities_per_channel[i])),
+                float(np.max(foreground_intensities_per_channel[i])))
+
+    # nnU-Net computes the channels one after the other. The calls are independent, and NumPy's partition (most of
+    # np.percentile's time) releases the GIL, so the step, which runs alone, uses the machine's other cores: the
+    # percentiles (the long calls) first, then the moments, each by the same call on the same array as nnU-Net's
+    # (np.percentile partitions a copy): the results are the same.
     with ThreadPoolExecutor(max(1, min(num_channels, len(os.sched_getaffinity(0))))) as pool:
-        intensity_statistics_per_channel = dict(enumerate(pool.map(channel_statistics, range(num_channels))))
+        percentile_futures = [pool.submit(channel_percentiles, i) for i in range(num_channels)]
+        moment_futures = [pool.submit(channel_moments, i) for i in range(num_channels)]
+        intensity_statistics_per_channel = {}
+        for i in range(num_channels):
+            percentile_00_5, median, percentile_99_5 = percentile_futures[i].result()
+            mean, std, mini, maxi = moment_futures[i].result()
+            intensity_statistics_per_channel[i] = {
+                'mean': mean,
+                'median': float(median),
+                'std': std,
+                'min': mini,
+                'max': maxi,
+                'percentile_99_5': float(percentile_99_5),
+                'percentile_00_5': float(percentile_00_5),
+            }
     return {
         "spacings": spacings,
         "shapes_after_crop": shapes_after_crop,
