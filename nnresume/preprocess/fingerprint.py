@@ -100,7 +100,8 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
     n = num_foreground_samples_per_case(len(cases))
     key = fingerprint_key(s.fingerprint_extractor, n, dataset_json, ctx.nnunetv2_version)
     plan = FingerprintPlan(key, n)
-    work_folder = str(ctx.layout.work)  # strings, not Paths: this loop runs once per case (25,000 and more)
+    # strings, not Paths or os.path.join: this loop runs once per case (25,000 and more)
+    work_prefix = os.path.join(str(ctx.layout.work), "")
     for name, files in cases.items():
         rec = records.get(name)
         fp = rec.fingerprint if rec else None
@@ -123,7 +124,7 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
         known = tuple(rec.files)
         changed = _stat_changed(rec, files) if rec.files else "no recorded inputs"
         result_ok = (fp.state == TaskState.done and fp.key == key and fp.result_file is not None
-                     and stat_matches(os.path.join(work_folder, fp.result_file), fp.result_size))
+                     and stat_matches(work_prefix + fp.result_file, fp.result_size))
         if changed:
             work(changed, known, reuse=result_ok)
         elif fp.state == TaskState.pending and not fp.attempts:

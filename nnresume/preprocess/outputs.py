@@ -90,9 +90,9 @@ def output_reason(ctx: RunContext, out: Optional[OutputRecord], digest: Optional
         return "input changed"
     if out.config_hash != conf.config_hash:
         return "configuration changed"
-    folder = folder or str(ctx.layout.data_folder(conf.data_identifier))
+    prefix = os.path.join(folder or str(ctx.layout.data_folder(conf.data_identifier)), "")
     for f in out.files or []:
-        path = os.path.join(folder, f["name"])
+        path = prefix + f["name"]
         try:
             size = os.stat(path).st_size
         except OSError:
