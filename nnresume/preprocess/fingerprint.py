@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,7 +35,7 @@ SAMPLE_BYTES = 16
 # the largest case kept (beyond it reading is small beside the case's other work) and the most kept in a run
 READ_CACHE_BYTES_PER_UNIT = 5
 READ_CACHE_CASE = 16 << 20
-READ_CACHE_TOTAL = 1 << 30
+READ_CACHE_TOTAL = 4 << 30
 RESULT_FORMAT = 4  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
 
 
@@ -149,8 +150,11 @@ class FingerprintHandler:
                  ) -> None:
         self.ctx, self.plan, self.reader, self.dataset_json = ctx, plan, reader_writer, dataset_json
         # the cases read once for both stages: small ones, up to a total that stays small beside the budget (the
-        # files are in the page cache, which a memory cgroup counts)
-        self.read_cache_left = min(READ_CACHE_TOTAL, ctx.budget // 16) if ctx.pool.on_this_machine else 0
+        # files are in the page cache, which a memory cgroup counts) and the free disk space
+        self.read_cache_left = 0
+        if ctx.pool.on_this_machine:
+            free = shutil.disk_usage(ctx.staging).free
+            self.read_cache_left = min(READ_CACHE_TOTAL, ctx.budget // 8, free // 4)
         self.read_cached: set[str] = set()
 
     def _read_cache(self, item: QueueItem) -> str:
