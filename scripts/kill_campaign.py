@@ -158,11 +158,17 @@ def run_campaign(kills: int, workdir: Path, seed: int, workers: int, cases: int,
         shutil.rmtree(pp, ignore_errors=True)
         dataset = pp / spec.folder_name
         finished = False
+        cold = True
         while not finished:
             proc = _start(raw, pp, args)
+            began, first_run, cold = time.monotonic(), cold, False
             while True:
                 time.sleep(rng.uniform(0.05, duration * 0.8))
                 if proc.poll() is not None or result["kills"] >= kills:
+                    if proc.poll() is not None and first_run:
+                        # a cold run ended before its first kill: the machine got faster than during the reference
+                        # run (its load changes); aim the next kills within what a whole run takes now
+                        duration = max(1.0, min(duration, time.monotonic() - began))
                     break
                 mode = rng.choice(modes)
                 victims = []
