@@ -258,7 +258,7 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
     # np.percentile's time) releases the GIL, so the step, which runs alone, uses the machine's other cores: the
     # percentiles (the long calls) first, then the moments, each by the same call on the same array as nnU-Net's
     # (np.percentile partitions a copy): the results are the same.
-    with ThreadPoolExecutor(max(1, min(2 * num_channels, len(os.sched_getaffinity(0))))) as pool:
+    with ThreadPoolExecutor(max(1, min(num_channels, len(os.sched_getaffinity(0))))) as pool:
         percentile_futures = [pool.submit(channel_percentiles, i) for i in range(num_channels)]
         moment_futures = [pool.submit(channel_moments, i) for i in range(num_channels)]
         intensity_statistics_per_channel = {}
