@@ -158,10 +158,10 @@ def run_campaign(kills: int, workdir: Path, seed: int, workers: int, cases: int,
         shutil.rmtree(pp, ignore_errors=True)
         dataset = pp / spec.folder_name
         finished = False
-        cold = True
+        first_run = True  # the episode's cold run, as long as it is not restarted
         while not finished:
             proc = _start(raw, pp, args)
-            began, first_run, cold = time.monotonic(), cold, False
+            began = time.monotonic()
             while True:
                 time.sleep(rng.uniform(0.05, duration * 0.8))
                 if proc.poll() is not None or result["kills"] >= kills:
@@ -194,6 +194,7 @@ def run_campaign(kills: int, workdir: Path, seed: int, workers: int, cases: int,
                 result["kills_by_mode"][mode] += 1
                 if mode != "worker":
                     break
+            first_run = False
             if proc.poll() is None and result["kills"] >= kills:
                 proc.wait()  # the last episode runs to its end
             proc.wait()
