@@ -26,3 +26,15 @@ def test_the_worker_side_does_not_import_the_ledger() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_every_subpackage_is_installed() -> None:
+    """A subpackage missing from pyproject.toml's list is absent from a (non-editable) `pip install .`, although the
+    tests, which import the checkout, pass: `nnresume predict` once failed that way."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "nnresume").rglob("__init__.py")}
+    assert found - listed == set()
