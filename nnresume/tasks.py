@@ -112,6 +112,7 @@ class AggregateTask:
     results: tuple[tuple[str, str, str], ...]  # (case, path, sha256) in nnU-Net's case order
     dataset_json: dict[str, Any]
     staging_dir: str
+    memory_room: int = 0  # bytes the tree could still grow by under the budget when the task was sent; 0: unknown
     case: str = "(dataset)"
     stage: str = "aggregate"
 

@@ -254,8 +254,10 @@ def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles
                     "channel); the budget is %s", format_bytes(need), format_bytes(ctx.budget))
     log.info("Writing %s from %d case(s)", target.name, len(good))
     results = tuple((name, str(ctx.layout.work / str(rel)), sha) for name, rel, sha in good)
+    # on this machine the step may use what the budget leaves free to run its statistics side by side
+    room = max(0, ctx.budget - ctx.pool.readings().tree) if ctx.pool.on_this_machine else 0
     result = ctx.run_one(AggregateTask(f"aggregate-{ctx.run_id}", results, dataset_json,
-                                       str(ctx.staging / "aggregate")))
+                                       str(ctx.staging / "aggregate"), room))
     place_artifact(result.staged, target, "fingerprint_aggregate")
     sha = result.staged.sha256
     ctx.ledger.set_artifact(FINGERPRINT_JSON, key, result.staged.size, sha, ctx.run_id,

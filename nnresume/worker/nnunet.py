@@ -197,7 +197,8 @@ def analyze_case(extractor: str, images: list[str], label: str, reader: str, num
 
 
 def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load: Callable[[int], tuple],
-                          num_cases: int, dataset_json: dict[str, Any]) -> dict:
+                          num_cases: int, dataset_json: dict[str, Any],
+                          jobs_within: Optional[Callable[[int], int]] = None) -> dict:
     """`DatasetFingerprintExtractor.run`'s aggregation (nnunetv2 2.8.1) over per-case results in nnU-Net's order.
 
     nnU-Net holds every case's samples, then their concatenation, then `np.array` of it: three copies of 10e7
@@ -206,6 +207,7 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
     (NumPy's promotion, e.g. to float64 when a case without foreground contributed `[]`), same values, same layout.
     The statistics below are nnU-Net's lines, unchanged (which is why this function is longer than most here: it
     reads side by side with nnunetv2's `DatasetFingerprintExtractor.run`).
+    `jobs_within(nbytes)`, given one channel's bytes, says how many statistics may run at once in the memory left.
     """
     lengths: list[list[int]] = []
     dtypes: list[list[np.dtype]] = []
@@ -257,8 +259,14 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
     # nnU-Net computes the channels one after the other. The calls are independent, and NumPy's partition (most of
     # np.percentile's time) releases the GIL, so the step, which runs alone, uses the machine's other cores: the
     # percentiles (the long calls) first, then the moments, each by the same call on the same array as nnU-Net's
-    # (np.percentile partitions a copy): the results are the same.
-    with ThreadPoolExecutor(max(1, min(num_channels, len(os.sched_getaffinity(0))))) as pool:
+    # (np.percentile partitions a copy): the results are the same. Each call holds a temporary the size of its
+    # channel (the copy; np.std's deviations), so the memory left bounds how many run at once.
+    jobs = min(2 * num_channels, len(os.sched_getaffinity(0)))
+    if jobs_within is not None:
+        jobs = min(jobs, jobs_within(foreground_intensities_per_channel[0].nbytes if num_channels else 0))
+    else:
+        jobs = min(jobs, num_channels)
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
         percentile_futures = [pool.submit(channel_percentiles, i) for i in range(num_channels)]
         moment_futures = [pool.submit(channel_moments, i) for i in range(num_channels)]
         intensity_statistics_per_channel = {}

@@ -86,6 +86,14 @@ def peak_rss() -> Optional[int]:
     return None
 
 
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def input_digest(files: list[InputFileInfo]) -> str:
     """A case's input digest: its files' digests, in role/channel order."""
     h = hashlib.sha256()
@@ -302,7 +310,16 @@ def run_aggregate(task: AggregateTask, send: Callable[[Any], None]) -> None:
                             "run the same command again: the case is fingerprinted again")
         return blobs.loads(blob)
 
-    fingerprint = nnunet.aggregate_fingerprint(summary, load, len(task.results), task.dataset_json)
+    def jobs_within(channel_bytes: int) -> int:
+        # the tree may grow by what the orchestrator found free under the budget, less this worker's growth so far
+        if not channel_bytes:
+            return 1
+        room = task.memory_room - max(0, current_rss() - started_rss)
+        return max(1, int(room * 0.8) // channel_bytes)
+
+    started_rss = current_rss()
+    fingerprint = nnunet.aggregate_fingerprint(summary, load, len(task.results), task.dataset_json,
+                                               jobs_within if task.memory_room else None)
     os.makedirs(task.staging_dir, exist_ok=True)
     path = os.path.join(task.staging_dir, "dataset_fingerprint.json")
     nnunet.write_fingerprint(fingerprint, path)
