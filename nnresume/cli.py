@@ -200,18 +200,8 @@ def preprocess_datasets(settings: PreprocessSettings, paths: Paths, scheduler_ad
                         scheduler_file: Optional[str] = None) -> int:
     """Every dataset of `settings` in turn, with one pool (local, or a Dask cluster's) and signals turned into an
     orderly stop; returns the exit code (the worst of the datasets', or the signal's)."""
-    from .execution.runner import StopFlag
-    from .preprocess.pipeline import run_dataset
-
-    stop = StopFlag()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        # only set flags: the main loop logs and stops workers
-        stop.set(signal.Signals(signum).name, 128 + signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    exit_code = EXIT_OK
-    # the forkserver's ~2 s import of nnunetv2 overlaps the lock, the ledger and the scan; one for all datasets
+    # The forkserver's ~3 s import of nnunetv2 overlaps this process's own imports (the ledger's SQLAlchemy, the
+    # pipeline), the lock, the ledger and the scan: it starts first. One pool serves all datasets.
     from .execution.pools.local import LocalPool
 
     os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
@@ -224,6 +214,18 @@ def preprocess_datasets(settings: PreprocessSettings, paths: Paths, scheduler_ad
     else:
         pool = LocalPool()
     pool.warm_up()
+
+    from .execution.runner import StopFlag
+    from .preprocess.pipeline import run_dataset
+
+    stop = StopFlag()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        # only set flags: the main loop logs and stops workers
+        stop.set(signal.Signals(signum).name, 128 + signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    exit_code = EXIT_OK
     try:
         for d in settings.datasets:
             outcome = run_dataset(settings, paths, d, stop, pool)

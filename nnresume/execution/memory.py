@@ -85,7 +85,20 @@ class _WorkerMemory:
     full_at: float = -math.inf
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def _rss(pid: int) -> Optional[int]:
+    # /proc/<pid>/statm is what psutil reads for the RSS on Linux, without building a Process (which reads
+    # /proc/<pid>/stat as well): a third of the cost, and the runner reads it after every task
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None  # the process is gone
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return psutil.Process(pid).memory_info().rss
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
