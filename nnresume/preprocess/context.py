@@ -38,7 +38,8 @@ class GroupCommit:
     def __init__(self, ledger: Ledger, window: float = GROUP_WINDOW) -> None:
         self.ledger, self.window = ledger, window
         self.dirs: set[Path] = set()
-        self.files: list[Path] = []
+        self.files: list[str] = []
+        self.known_dirs: set[str] = set()  # folders this stage made sure exist
 
     def tick(self) -> None:
         if self.ledger.group_pending and time.monotonic() - self.ledger.group_opened >= self.window:
@@ -142,26 +143,51 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None,
     The caller commits the ledger after this returns; until then the files are not vouched for. Files that replace
     others of the same name: the ledger's word that the old ones are no longer vouched for (the task's row marked
     running when it started) is committed first, so it never vouches for a file that is not the one it checked.
+    The staging folder the files came from, empty now, is removed (the run's end then has none left to walk).
     """
     crashpoints.set_case(case)
-    if group is not None and group.ledger.group_pending and any((folder / f.name).exists() for f in files):
+    where = str(folder)
+    finals = [os.path.join(where, f.name) for f in files]
+    if group is not None and group.ledger.group_pending and any(os.path.exists(p) for p in finals):
         group.flush()
+    if group is None or where not in group.known_dirs:
+        _make_folder(folder)
+        if group is not None:
+            group.known_dirs.add(where)
+    for i, (f, final) in enumerate(zip(files, finals)):
+        try:
+            os.replace(f.staged_path, final)
+        except FileNotFoundError:
+            if folder.is_dir():
+                raise
+            _make_folder(folder)  # removed while the run went on
+            os.replace(f.staged_path, final)
+        if i == 0 and len(files) > 1:
+            crashpoints.reached("between_renames")
+    if group is None:
+        for final in finals:
+            atomic.fsync_file(final)
+        atomic.fsync_dir(folder)
+    else:
+        group.dirs.add(folder)
+        group.files.extend(finals)
+    crashpoints.reached("renamed")
+    for staged_in in {os.path.dirname(f.staged_path) for f in files}:
+        remove_if_empty(staged_in)
+
+
+def _make_folder(folder: Path) -> None:
     created = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     if created:
         atomic.fsync_dir(folder.parent)
-    for i, f in enumerate(files):
-        os.replace(f.staged_path, folder / f.name)
-        if i == 0 and len(files) > 1:
-            crashpoints.reached("between_renames")
-    if group is None:
-        for f in files:
-            atomic.fsync_file(folder / f.name)
-        atomic.fsync_dir(folder)
-    else:
-        group.dirs.add(folder)
-        group.files.extend(folder / f.name for f in files)
-    crashpoints.reached("renamed")
+
+
+def remove_if_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def place_artifact(staged: Any, final: Path, crash_point: str) -> None:

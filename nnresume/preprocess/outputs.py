@@ -26,7 +26,7 @@ from ..io import atomic
 from ..ledger.models import TaskState
 from ..ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
 from ..tasks import OutputResult, PreprocessTask, Target
-from .context import RunContext, place_files
+from .context import RunContext, place_files, remove_if_empty
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,8 @@ class PreprocessHandler:
             self.records[w.case].input_digest or "",
             [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in msg.files], msg.duration_s, msg.peak_rss)
         w.targets = [t for t in w.targets if t.data_identifier != ident]
+        if not w.targets and msg.files:  # the task's staging folder held one folder per target, all emptied now
+            remove_if_empty(os.path.dirname(os.path.dirname(msg.files[0].staged_path)))
 
     def ended_badly(self, item: QueueItem, state: TaskState, message: str, died: bool, peak: Optional[int]) -> None:
         w: OutputWork = item.spec
