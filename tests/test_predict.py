@@ -41,6 +41,7 @@ import json, os, sys
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 preprocessed, dataset, config = sys.argv[1:4]
+fold = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 plans = json.load(open(os.path.join(preprocessed, dataset, "nnUNetPlans.json")))
 dataset_json = json.load(open(os.path.join(preprocessed, dataset, "dataset.json")))
 kwargs = plans["configurations"][config]["architecture"]["arch_kwargs"]
@@ -49,7 +50,7 @@ kwargs["features_per_stage"] = [min(4 * 2 ** i, 16) for i in range(len(kwargs["f
 data = os.path.join(preprocessed, dataset, plans["configurations"][config]["data_identifier"])
 os.makedirs(data, exist_ok=True)
 open(os.path.join(data, "placeholder.b2nd"), "wb").close()
-trainer = nnUNetTrainer(dict(plans, continue_training=False), config, 0, dataset_json, device=torch.device("cpu"))
+trainer = nnUNetTrainer(dict(plans, continue_training=False), config, fold, dataset_json, device=torch.device("cpu"))
 trainer.initialize()
 trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the mirroring axes: TTA is exercised
 os.makedirs(trainer.output_folder, exist_ok=True)
@@ -102,6 +103,23 @@ def model_2d(model: Model) -> Path:
     _run([nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(model.root / "reference-2d"), "-d",
           str(SPEC.dataset_id), "-c", "2d", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps",
           "1", "--disable_progress_bar"], env)
+    return inputs
+
+
+@pytest.fixture(scope="session")
+def two_folds(model: Model) -> Path:
+    """Fold 1 of the same model (other random weights), and nnUNetv2_predict's ensemble of folds 0 and 1 for two
+    cases; returns its inputs."""
+    env = model.env()
+    _run([sys.executable, "-c", MAKE_MODEL, str(model.preprocessed), SPEC.folder_name, CONFIG, "1"], env)
+    inputs = model.root / "inputs-ensemble"
+    inputs.mkdir()
+    for i in range(2):
+        for f in model.inputs.glob(f"{case_name(SPEC, i)}_*"):
+            shutil.copy2(f, inputs / f.name)
+    _run([nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(model.root / "reference-ensemble"), "-d",
+          str(SPEC.dataset_id), "-c", CONFIG, "-f", "0", "1", "-device", "cpu", "--save_probabilities", "-npp", "1",
+          "-nps", "1", "--disable_progress_bar"], env)
     return inputs
 
 
@@ -252,3 +270,38 @@ def test_2d_predictions_identical_to_nnunet(model: Model, model_2d: Path, tmp_pa
     run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model_2d), "-o", str(out), "-d",
                  str(SPEC.dataset_id), "-c", "2d", "-f", "0", "-device", "cpu", "--save_probabilities", "--no-pbar")
     assert_same_predictions(out, model.root / "reference-2d", [case_name(SPEC, 0)], probabilities=True)
+
+
+@pytest.mark.slow
+def test_ensemble_of_two_folds_identical_to_nnunet(model: Model, two_folds: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(two_folds), "-o", str(out), "-d",
+                 str(SPEC.dataset_id), "-c", CONFIG, "-f", "0", "1", "-device", "cpu", "--save_probabilities",
+                 "--no-pbar")
+    two = [case_name(SPEC, i) for i in range(2)]
+    assert_same_predictions(out, model.root / "reference-ensemble", two, probabilities=True)
+    # the ensemble is not fold 0 alone: the test would pass for a run that ignored the second fold otherwise
+    single = np.load(model.reference / f"{two[0]}.npz")["probabilities"]
+    assert not np.array_equal(np.load(out / f"{two[0]}.npz")["probabilities"], single)
+    # the model key holds the folds: fold 0 alone into the same folder predicts both cases again
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(two_folds), "-o", str(out), *ARGS,
+                     "--save_probabilities", "--dry-run")
+    assert r.stdout.count(": model changed") == 2, r.stdout
+
+
+@pytest.mark.slow
+def test_a_predict_worker_killed_mid_case_is_retried(model: Model, tmp_path: Path) -> None:
+    """SIGKILL of the worker after it wrote the case's files into staging (as the OOM killer would): the case is
+    retried in a new worker, the death is in the ledger, and the predictions are nnUNetv2_predict's."""
+    out, marker, victim = tmp_path / "out", tmp_path / "crashed", case_name(SPEC, 1)
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), *ARGS,
+                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT="staged", NNRESUME_CRASH_CASE=victim,
+                     NNRESUME_CRASH_ONCE=str(marker), NNRESUME_CRASH_HOW="kill")
+    assert marker.exists(), "the crash point was not reached"
+    assert "killed by SIGKILL" in r.stdout + r.stderr
+    assert sorted(done_rows(out)) == cases()
+    outcomes = ledger_query(out / "nnresume.sqlite", "select outcome from attempts where case_name=? order by id",
+                            (victim,))
+    assert [o for (o,) in outcomes] == ["died", "ok"], outcomes
+    assert_same_predictions(out, model.reference, cases(), probabilities=False)
+    assert not any((out / ".nnresume" / "staging").glob("*/*"))
