@@ -31,8 +31,9 @@ def test_the_worker_side_does_not_import_the_ledger() -> None:
 def test_every_subpackage_is_installed() -> None:
     """A subpackage missing from pyproject.toml's list is absent from a (non-editable) `pip install .`, although the
     tests, which import the checkout, pass: `nnresume predict` once failed that way."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
