@@ -253,3 +253,33 @@ def run_in_fresh_cgroup(limit: int, cmd: list[str], env: dict[str, str], timeout
     finally:
         group.remove()
 
+
+# A trained-model folder without training or download, for the prediction tests and benchmark: the checkpoint of an
+# initialised nnUNetTrainer (random weights) for the plans in nnUNet_preprocessed, written where nnUNetv2_predict looks
+# (nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>/checkpoint_final.pth). Arguments:
+# preprocessed folder, dataset folder name, configuration, [fold (0)], [small|full (small: fewer features per stage)].
+MAKE_MODEL = """
+import json, os, sys
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+preprocessed, dataset, config = sys.argv[1:4]
+fold = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+small = (sys.argv[5] if len(sys.argv) > 5 else "small") == "small"
+plans = json.load(open(os.path.join(preprocessed, dataset, "nnUNetPlans.json")))
+dataset_json = json.load(open(os.path.join(preprocessed, dataset, "dataset.json")))
+if small:  # fewer features per stage: CPU inference takes seconds
+    kwargs = plans["configurations"][config]["architecture"]["arch_kwargs"]
+    kwargs["features_per_stage"] = [min(4 * 2 ** i, 16) for i in range(len(kwargs["features_per_stage"]))]
+# initialize() infers the dataset class from the preprocessed folder's file endings; no data is read
+data = os.path.join(preprocessed, dataset, plans["configurations"][config]["data_identifier"])
+os.makedirs(data, exist_ok=True)
+open(os.path.join(data, "placeholder.b2nd"), "wb").close()
+trainer = nnUNetTrainer(dict(plans, continue_training=False), config, fold, dataset_json, device=torch.device("cpu"))
+trainer.initialize()
+trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the mirroring axes: TTA is exercised
+os.makedirs(trainer.output_folder, exist_ok=True)
+for name, content in (("plans.json", plans), ("dataset.json", dataset_json)):
+    with open(os.path.join(trainer.output_folder_base, name), "w") as f:
+        json.dump(content, f, indent=4)
+trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+"""

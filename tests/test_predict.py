@@ -20,6 +20,9 @@ import pytest
 from nnresume.predict.cases import list_input_cases
 from nnresume.synthetic import DemoSpec, case_name, make_dataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from benchlib import MAKE_MODEL  # noqa: E402
+
 from .conftest import (
     NNUNET_TIMEOUT,
     env_for,
@@ -36,29 +39,6 @@ SPEC = DemoSpec(dataset_id=951, name="Pred", num_cases=3, channels=("CT", "T2"),
 CONFIG = "3d_fullres"
 ARGS = ("-d", str(SPEC.dataset_id), "-c", CONFIG, "-f", "0", "-device", "cpu")
 
-MAKE_MODEL = """
-import json, os, sys
-import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-preprocessed, dataset, config = sys.argv[1:4]
-fold = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-plans = json.load(open(os.path.join(preprocessed, dataset, "nnUNetPlans.json")))
-dataset_json = json.load(open(os.path.join(preprocessed, dataset, "dataset.json")))
-kwargs = plans["configurations"][config]["architecture"]["arch_kwargs"]
-kwargs["features_per_stage"] = [min(4 * 2 ** i, 16) for i in range(len(kwargs["features_per_stage"]))]
-# initialize() infers the dataset class from the preprocessed folder's file endings; no data is read
-data = os.path.join(preprocessed, dataset, plans["configurations"][config]["data_identifier"])
-os.makedirs(data, exist_ok=True)
-open(os.path.join(data, "placeholder.b2nd"), "wb").close()
-trainer = nnUNetTrainer(dict(plans, continue_training=False), config, fold, dataset_json, device=torch.device("cpu"))
-trainer.initialize()
-trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the mirroring axes: TTA is exercised
-os.makedirs(trainer.output_folder, exist_ok=True)
-for name, content in (("plans.json", plans), ("dataset.json", dataset_json)):
-    with open(os.path.join(trainer.output_folder_base, name), "w") as f:
-        json.dump(content, f, indent=4)
-trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
-"""
 
 
 class Model:
