@@ -220,6 +220,7 @@ class PredictTask:
     num_channels: int  # what the model's dataset.json declares
     file_ending: str
     staging_dir: str
+    device_lock: str = ""  # a file whose flock lets one worker at a time run inference (worker/predictor.py)
     stage: str = "predict"
 
     @property

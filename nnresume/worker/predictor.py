@@ -17,11 +17,13 @@ task arrives, so preprocessing workers never load torch's inference code.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -102,6 +104,28 @@ def _nnunet_step(case: str, step: str, path: str, fn: Callable[..., Any], *args:
         raise CaseError(case, f"{step} failed: {type(e).__name__}: {message}", path) from e
 
 
+@contextlib.contextmanager
+def device_turn(lock_path: str) -> Iterator[None]:
+    """The sliding-window inference of one case at a time across the workers, as nnUNetv2_predict's single predictor
+    runs them: each inference uses every CPU thread (or the GPU), so two at once only compete, and on the CPU their
+    threads oversubscribe the cores (measured: 10 % more CPU time for the same predictions). Reading, preprocessing
+    and export of other cases go on meanwhile in their workers. An flock is released by the kernel when its process
+    dies, so a killed worker never keeps the turn."""
+    try:
+        if not lock_path:
+            raise FileNotFoundError("no lock file given")
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # without the lock the predictions are the same, only slower when several run at once
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def run_predict(task: PredictTask, send: Callable[[Any], None]) -> None:
     with quiet():  # nnU-Net's prints go to the debug log
         _predict(task, send)
@@ -125,8 +149,9 @@ def _predict(task: PredictTask, send: Callable[[Any], None]) -> None:
     # as nnU-Net's preprocessing iterator hands the case to the network
     tensor = torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format)
     del data
-    logits = _nnunet_step(task.case, "prediction", images[0], predictor.predict_logits_from_preprocessed_data,
-                          tensor).cpu().detach().numpy()
+    with device_turn(task.device_lock):
+        logits = _nnunet_step(task.case, "prediction", images[0], predictor.predict_logits_from_preprocessed_data,
+                              tensor).cpu().detach().numpy()
     del tensor
 
     def write(prefix: str) -> None:
