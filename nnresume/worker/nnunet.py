@@ -392,34 +392,32 @@ def plans_reader_writer_name(plans: dict[str, Any]) -> str:
     return str(plans.get("image_reader_writer"))
 
 
-_MANAGERS: dict[str, Any] = {}
+_MANAGERS: dict[str, tuple[PlansManager, dict[str, Any]]] = {}
 
 
-def _plans_manager(plans: dict[str, Any]) -> PlansManager:
-    """One PlansManager per plans in a worker, and one ConfigurationManager per configuration of it (below), as
+def _managers(plans: dict[str, Any]) -> tuple[PlansManager, dict[str, Any]]:
+    """One PlansManager per plans in a worker, and one ConfigurationManager per configuration of it, as
     `DefaultPreprocessor.run` makes them once for all cases: a ConfigurationManager caches its resampling functions,
     which nnU-Net finds by walking nnunetv2/preprocessing/resampling (0.9 ms a case when made per case)."""
     key = json.dumps(plans, sort_keys=True)
-    pm = _MANAGERS.get(key)
-    if pm is None:
+    if key not in _MANAGERS:
         if len(_MANAGERS) >= 4:
             _MANAGERS.clear()
-        pm = _MANAGERS[key] = PlansManager(plans)
-        pm.nnresume_configurations = {}
-    return pm
+        _MANAGERS[key] = (PlansManager(plans), {})
+    return _MANAGERS[key]
 
 
-def _configuration_manager(plans_manager: Any, configuration: str) -> Any:
-    cms = plans_manager.nnresume_configurations
-    if configuration not in cms:
-        cms[configuration] = plans_manager.get_configuration(configuration)
-    return cms[configuration]
+def _configuration_manager(plans: dict[str, Any], configuration: str) -> tuple[PlansManager, Any]:
+    plans_manager, configurations = _managers(plans)
+    if configuration not in configurations:
+        configurations[configuration] = plans_manager.get_configuration(configuration)
+    return plans_manager, configurations[configuration]
 
 
 def read_case(plans: dict[str, Any], images: list[str], label: str,
               wrap_reader: ReaderWrap = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """What `DefaultPreprocessor.run_case` reads, read once for all configurations of a case."""
-    cls = _plans_manager(plans).image_reader_writer_class
+    cls = _managers(plans)[0].image_reader_writer_class
     rw = (wrap_reader(cls) if wrap_reader else cls)()
     data, properties = rw.read_images(images)
     seg, _ = rw.read_seg(label)
@@ -435,8 +433,7 @@ def preprocess_configuration(plans: dict[str, Any], configuration: str, dataset_
     reading the files again; `run_case_npy` copies its inputs, so one read serves every configuration. A preprocessor
     with its own `run_case` reads for itself.
     """
-    plans_manager = _plans_manager(plans)
-    configuration_manager = _configuration_manager(plans_manager, configuration)
+    plans_manager, configuration_manager = _configuration_manager(plans, configuration)
     preprocessor = preprocessor_class(configuration_manager.preprocessor_name)(verbose=False)
     if read is not None and type(preprocessor).run_case is DefaultPreprocessor.run_case:
         data, seg, properties = read
