@@ -71,36 +71,33 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
     return m
 
 
+def _reference_for(model: Model, name: str, case_indices: range, config: str, folds: list[str]) -> Path:
+    """A folder `inputs-<name>` with these cases' images, and nnUNetv2_predict's outputs for them (with
+    probabilities) in `reference-<name>`; returns the inputs."""
+    inputs = model.root / f"inputs-{name}"
+    inputs.mkdir()
+    for i in case_indices:
+        for f in model.inputs.glob(f"{case_name(SPEC, i)}_*"):
+            shutil.copy2(f, inputs / f.name)
+    _run([nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(model.root / f"reference-{name}"), "-d",
+          str(SPEC.dataset_id), "-c", config, "-f", *folds, "-device", "cpu", "--save_probabilities", "-npp", "1",
+          "-nps", "1", "--disable_progress_bar"], model.env())
+    return inputs
+
+
 @pytest.fixture(scope="session")
 def model_2d(model: Model) -> Path:
     """A 2D model of the same dataset and plans, and nnUNetv2_predict's outputs for one case; returns its inputs."""
-    env = model.env()
-    _run([sys.executable, "-c", MAKE_MODEL, str(model.preprocessed), SPEC.folder_name, "2d"], env)
-    inputs = model.root / "inputs-2d"
-    inputs.mkdir()
-    for f in model.inputs.glob(f"{case_name(SPEC, 0)}_*"):
-        shutil.copy2(f, inputs / f.name)
-    _run([nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(model.root / "reference-2d"), "-d",
-          str(SPEC.dataset_id), "-c", "2d", "-f", "0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps",
-          "1", "--disable_progress_bar"], env)
-    return inputs
+    _run([sys.executable, "-c", MAKE_MODEL, str(model.preprocessed), SPEC.folder_name, "2d"], model.env())
+    return _reference_for(model, "2d", range(1), "2d", ["0"])
 
 
 @pytest.fixture(scope="session")
 def two_folds(model: Model) -> Path:
     """Fold 1 of the same model (other random weights), and nnUNetv2_predict's ensemble of folds 0 and 1 for two
     cases; returns its inputs."""
-    env = model.env()
-    _run([sys.executable, "-c", MAKE_MODEL, str(model.preprocessed), SPEC.folder_name, CONFIG, "1"], env)
-    inputs = model.root / "inputs-ensemble"
-    inputs.mkdir()
-    for i in range(2):
-        for f in model.inputs.glob(f"{case_name(SPEC, i)}_*"):
-            shutil.copy2(f, inputs / f.name)
-    _run([nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(model.root / "reference-ensemble"), "-d",
-          str(SPEC.dataset_id), "-c", CONFIG, "-f", "0", "1", "-device", "cpu", "--save_probabilities", "-npp", "1",
-          "-nps", "1", "--disable_progress_bar"], env)
-    return inputs
+    _run([sys.executable, "-c", MAKE_MODEL, str(model.preprocessed), SPEC.folder_name, CONFIG, "1"], model.env())
+    return _reference_for(model, "ensemble", range(2), CONFIG, ["0", "1"])
 
 
 def copy_inputs(m: Model, dest: Path) -> Path:
