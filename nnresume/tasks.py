@@ -52,7 +52,7 @@ class FingerprintTask:
     extractor: str
     reader_writer: str
     num_samples: int
-    staging_dir: str
+    staging: str  # this attempt's name in the run's staging folder: its files are staged as `<staging>.<name>`
     dataset_json: dict[str, Any] = field(default_factory=dict)
     known: tuple[InputFileInfo, ...] = ()  # the ledger's view; files whose stat matches are not hashed again
     reuse_if_unchanged: bool = False  # the ledger's result is valid if the content is unchanged
@@ -77,7 +77,7 @@ class PreprocessTask:
     plans: dict[str, Any]
     dataset_json: dict[str, Any]
     targets_: tuple[Target, ...]
-    staging_dir: str
+    staging: str  # this attempt's name in the run's staging folder: its files are staged as `<staging>.<name>`
     read_cache: str = ""  # the case as the fingerprint stage read it, if it is there (worker/readcache.py)
 
     @property
@@ -219,7 +219,7 @@ class PredictTask:
     target: Target
     num_channels: int  # what the model's dataset.json declares
     file_ending: str
-    staging_dir: str
+    staging: str  # this attempt's name in the run's staging folder: its files are staged as `<staging>.<name>`
     device_lock: str = ""  # a file whose flock lets one worker at a time run inference (worker/predictor.py)
     stage: str = "predict"
 

@@ -34,9 +34,10 @@ def _case(tmp_path: Path) -> tuple[str, str]:
 
 def _fingerprint(tmp_path: Path, image: str, label: str, cache: str) -> FingerprintResult:
     shutil.rmtree(tmp_path / "staging", ignore_errors=True)
+    (tmp_path / "staging").mkdir()
     task = FingerprintTask(task_id="t", case="c", files=(("image", 0, image), ("label", 0, label)),
                            extractor="DatasetFingerprintExtractor", reader_writer="SimpleITKIO", num_samples=100,
-                           staging_dir=str(tmp_path / "staging"),
+                           staging=str(tmp_path / "staging" / "t-1"),
                            dataset_json={"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1},
                                          "file_ending": ".nii.gz", "numTraining": 1},
                            read_cache=cache)

@@ -116,7 +116,7 @@ class PredictHandler:
         return PredictTask(task_id=w.task_id, case=w.case, images=w.images, expected=tuple(self.inputs[w.case][1]),
                            model=self.model.spec, target=self.target, num_channels=self.model.num_channels,
                            file_ending=self.model.file_ending,
-                           staging_dir=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
+                           staging=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
                            device_lock=str(self.ctx.staging / "device.lock"))
 
     def started(self, item: QueueItem) -> None:

@@ -172,7 +172,7 @@ class FingerprintHandler:
         return FingerprintTask(
             task_id=w.task_id, case=w.case, files=tuple(w.files.all_files()),
             extractor=self.ctx.settings.fingerprint_extractor, reader_writer=self.reader,
-            num_samples=self.plan.num_samples, staging_dir=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
+            num_samples=self.plan.num_samples, staging=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
             dataset_json=self.dataset_json, known=w.known, reuse_if_unchanged=w.reuse_if_unchanged,
             read_cache=self._read_cache(item))
 

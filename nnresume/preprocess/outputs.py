@@ -26,7 +26,7 @@ from ..io import atomic
 from ..ledger.models import TaskState
 from ..ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
 from ..tasks import OutputResult, PreprocessTask, Target
-from .context import RunContext, place_files, remove_if_empty
+from .context import RunContext, place_files
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class PreprocessHandler:
         return PreprocessTask(task_id=w.task_id, case=w.case, images=w.files.images, label=w.files.label,
                               expected=expected, plans=self.plans, dataset_json=self.dataset_json,
                               targets_=tuple(w.targets),
-                              staging_dir=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
+                              staging=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
                               read_cache=self.ctx.read_cache_path(w.case))
 
     def started(self, item: QueueItem) -> None:
@@ -175,8 +175,6 @@ class PreprocessHandler:
             self.records[w.case].input_digest or "",
             [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in msg.files], msg.duration_s, msg.peak_rss)
         w.targets = [t for t in w.targets if t.data_identifier != ident]
-        if not w.targets and msg.files:  # the task's staging folder held one folder per target, all emptied now
-            remove_if_empty(os.path.dirname(os.path.dirname(msg.files[0].staged_path)))
 
     def ended_badly(self, item: QueueItem, state: TaskState, message: str, died: bool, peak: Optional[int]) -> None:
         w: OutputWork = item.spec

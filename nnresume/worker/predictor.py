@@ -161,5 +161,5 @@ def _predict(task: PredictTask, send: Callable[[Any], None]) -> None:
                      predictor.dataset_json, prefix, task.model.save_probabilities)
 
     names = output_names(task.case, task.file_ending, task.model.save_probabilities)
-    staged = _stage_files(task.staging_dir, task.case, names, write)
+    staged = _stage_files(task.staging, task.case, names, write)
     send(OutputResult(task.case, task.target, staged, time.time() - t0, peak_rss()))

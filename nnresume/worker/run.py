@@ -118,17 +118,20 @@ def _hash(case: str, path: str) -> str:
         raise CaseError(case, f"cannot read file: {e.strerror}", path) from None
 
 
-def _stage_files(staging_dir: str, case: str, names: list[str], write: Callable[[str], None]) -> tuple[StagedFile, ...]:
-    """Runs `write(prefix)` in a fresh folder and returns name, size and checksum of each file it wrote.
+def _stage_files(staging: str, case: str, names: list[str], write: Callable[[str], None]) -> tuple[StagedFile, ...]:
+    """Runs `write(prefix)` with the prefix `<staging>.<case>` and returns name, size and checksum of each file it
+    wrote, `<staging>.<name>`.
 
-    Nothing is fsynced here: the orchestrator renames the files into their folder and makes them durable, for a
-    group of tasks at once, before the ledger commit that vouches for them (preprocess/context.py, GroupCommit).
+    `staging` names one attempt (of one target) in the run's staging folder, which the run made and emptied when it
+    started: no folder is made per task (under load a mkdir and the orchestrator's rmdir cost ~0.5 ms each, waiting
+    on the file system's journal). Nothing is fsynced here: the orchestrator renames the files into their folder and
+    makes them durable, for a group of tasks at once, before the ledger commit that vouches for them
+    (preprocess/context.py, GroupCommit).
     """
-    os.makedirs(staging_dir, exist_ok=False)
-    write(os.path.join(staging_dir, case))
+    write(f"{staging}.{case}")
     staged = []
     for name in names:
-        path = os.path.join(staging_dir, name)
+        path = f"{staging}.{name}"
         size, digest = atomic.size_and_digest(path)
         staged.append(StagedFile(name, path, size, digest))
     crashpoints.reached("staged")
@@ -222,7 +225,7 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
         with open(prefix + ".fingerprint", "wb") as fh:
             fh.write(blobs.dumps(result, summary))
 
-    (staged,) = _stage_files(task.staging_dir, task.case, [name], write)
+    (staged,) = _stage_files(task.staging, task.case, [name], write)
     shape_after_crop, spacing = result[0], result[1]
     # the case as the reader returned it: what the preprocessing stage's memory estimate starts from
     header = dict(geometry.read_header(images[0]) or {})
@@ -261,7 +264,7 @@ def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
     for i, target in enumerate(task.targets_):
         reset_peak_rss()
         t0 = time.time()
-        staging = os.path.join(task.staging_dir, f"{i}-{target.data_identifier}")
+        staging = f"{task.staging}.{i}-{target.data_identifier}"
         names = dataset.output_names(task.case, target.data_identifier, ending)
         if target.data_identifier == dataset.GT_IDENTIFIER:
             def write(prefix: str, target: Target = target) -> None:
@@ -337,7 +340,7 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
     """Runs a task and reports its outcome through `send`. Never raises for a case's own failure."""
     t0 = time.time()
     crashpoints.start_task(task.case)
-    staging = getattr(task, "staging_dir", None) or "/"
+    staging = getattr(task, "staging", None) or getattr(task, "staging_dir", None) or "/"  # case or dataset task
     per_case = (FingerprintTask, PreprocessTask, PredictTask)
     who = f"case {task.case}" if isinstance(task, per_case) else f"{task.stage} step"
     try:

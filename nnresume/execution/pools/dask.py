@@ -171,7 +171,7 @@ class DaskPool:
     def _check_paths(self, task: Any) -> None:
         """Once per worker and dataset: the worker sees the task's inputs and the run's staging folder."""
         inputs = task.files[0][2] if isinstance(task, FingerprintTask) else task.images[0]
-        dirs = tuple(sorted({os.path.dirname(inputs), os.path.dirname(task.staging_dir.rstrip("/"))}))
+        dirs = tuple(sorted({os.path.dirname(inputs), os.path.dirname(task.staging)}))
         new = [a for a in self._workers if (a, dirs) not in self._checked]
         if not new:
             return
@@ -221,7 +221,7 @@ class DaskPool:
         for task, request in pending:
             groups.setdefault(request, []).append(task)
         for request, tasks in groups.items():
-            keys = [f"nnresume-{os.path.basename(t.staging_dir.rstrip('/'))}-{self._token}" for t in tasks]
+            keys = [f"nnresume-{os.path.basename(t.staging)}-{self._token}" for t in tasks]
             try:
                 futures = self.client.map(self._function, tasks, key=keys, pure=False, retries=0,
                                           resources={"MEMORY": request} if request else None)

@@ -59,8 +59,8 @@ _running: dict[str, LocalPool] = {}  # task id -> the pool of the thread running
 _lock = threading.Lock()
 
 
-def marker_path(staging_dir: str) -> str:
-    return staging_dir.rstrip("/") + MARKER_SUFFIX
+def marker_path(staging: str) -> str:
+    return staging + MARKER_SUFFIX
 
 
 def _allow_children() -> None:
@@ -136,13 +136,13 @@ def run_task(task: Any) -> Outcome:
     worker, key = _current()
     address = getattr(worker, "address", "") if worker is not None else ""
     host = socket.gethostname()
-    staging_parent = os.path.dirname(task.staging_dir.rstrip("/"))
+    staging_parent = os.path.dirname(task.staging)
     if not os.path.isdir(staging_parent):
         message = (f"case {task.case}: the Dask worker {address} on {host} cannot see the staging folder "
                    f"{staging_parent}")
         return Outcome(task.task_id, [TaskFailed(task.case, list(task.targets), "case", message, hint=SHARED_HINT)],
                        None, address, host)
-    if not _claim(marker_path(task.staging_dir), f"{address} {host} {os.getpid()}\n"):
+    if not _claim(marker_path(task.staging), f"{address} {host} {os.getpid()}\n"):
         return Outcome(task.task_id, [], Death(None, extra={"how": LOST}), address, host)
     pool = _pool()
     messages: list[Any] = []
