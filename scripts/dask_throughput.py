@@ -108,7 +108,7 @@ def main() -> int:
         handler = Handler(ledger, run_id, str(image), staging)
         group = GroupCommit(ledger)
         runner = Runner(pool, memory + (1 << 30), threads, Estimator(), run_id, ledger.add_attempt,
-                        lambda s: ledger.add_memory_samples(run_id, s), StopFlag(), 20.0, commits=group)
+                        lambda s: ledger.add_memory_samples(run_id, s), StopFlag(), 20.0, tick=group.tick)
         ledger.start_group()
         t0, cpu0 = time.monotonic(), time.process_time()
         try:

@@ -51,19 +51,6 @@ class StopFlag:
         return self.signal_name is not None
 
 
-class Commits(Protocol):
-    """The stage's group commit (preprocess/context.py, GroupCommit), as the loop drives it."""
-
-    def tick(self) -> None:
-        """Starts a due group commit; returns at once."""
-
-    def holding(self) -> bool:
-        """A group's files are being made durable: results wait (not placed, not written) until its commit."""
-
-    def settle(self) -> None:
-        """Waits for a group commit under way to end, and commits it."""
-
-
 class StageHandler(Protocol):
     stage: str
 
@@ -100,7 +87,6 @@ class _Stage:
     attempts: dict[str, int] = field(default_factory=dict)
     stops_pending: int = 0
     grace_deadline: Optional[float] = None
-    backlog: list[tuple[_Running, Event]] = field(default_factory=list)  # events held while a group commit runs
 
 
 @dataclass
@@ -122,12 +108,12 @@ class Runner:
                  record_attempt: Callable[[AttemptRecord], None],
                  record_samples: Callable[[list[MemorySampleRecord]], None],
                  stop: StopFlag, grace_seconds: float, thresholds: Thresholds = DEFAULT_THRESHOLDS,
-                 progress: Any = None, commits: Optional[Commits] = None,
+                 progress: Any = None, tick: Optional[Callable[[], None]] = None,
                  sample_every: float = SAMPLE_EVERY) -> None:
         self.pool, self.budget, self.max_workers, self.estimator = pool, budget, max_workers, estimator
         self.run_id, self.record_attempt, self.record_samples = run_id, record_attempt, record_samples
         self.stop, self.grace, self.thresholds = stop, grace_seconds, thresholds
-        self.progress, self.commits, self.sample_every = progress, commits, sample_every
+        self.progress, self.tick, self.sample_every = progress, tick, sample_every
         self.peak_tree = 0
         self._t0 = time.monotonic()
         self._samples: list[MemorySampleRecord] = []
@@ -245,7 +231,7 @@ class Runner:
         governor stop or admit cases."""
         stats = StageStats()
         st = _Stage(scheduler, handler)
-        while len(scheduler) or st.running or st.backlog:
+        while len(scheduler) or st.running:
             # Slots freed by tasks that ended are filled before their results are committed, so a worker waits for
             # its next task only as long as the governor takes, not for the ledger work of the task it finished.
             events = self._poll(st)
@@ -253,20 +239,12 @@ class Runner:
             self._honour_signal(st, stats)
             if not stats.halted:
                 self._govern(st, readings)
-            # While a group's files are made durable (in the background: a syncfs takes tens of ms, in which the
-            # workers would otherwise wait for their next task), results wait, in order, for its commit.
-            st.backlog.extend(events)
-            if st.backlog and self.commits is not None and self.commits.holding():
-                if st.running:
-                    continue
-                self.commits.settle()  # nothing else to wait for
-            events, st.backlog = st.backlog, []
             self._process(st, stats, events)
             if stats.halted and not st.running:
                 break
             self._update_progress(stats, st.running, readings)
-            if self.commits is not None:
-                self.commits.tick()  # the group commit, when one is due
+            if self.tick:
+                self.tick()  # the caller's group commit, when one is due
         self.flush_samples()
         stats.peak_tree = self.peak_tree
         return stats

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -34,12 +33,6 @@ class GroupCommit:
     durable under its final name before the ledger vouches for it, as with one fsync and one commit per task; a kill
     before the commit loses only the group's tasks, whose renamed files the next run finds unvouched and removes.
     Measured on 2,000 small 2D cases: an fsync per file was ~1.3 ms, 10 s of worker time in all.
-
-    The syncfs and folder fsyncs of a due group run in a thread (`tick`), so the runner goes on handing tasks to
-    workers meanwhile (a syncfs took 25 ms on average there, longer than a small case); until the group is
-    committed, the runner holds every result back (`holding`): nothing is renamed into place or written to the
-    ledger's group after the sync began, so the commit vouches only for files the sync made durable. What the
-    runner writes meanwhile is that tasks started (state running), which vouches for nothing.
     """
 
     def __init__(self, ledger: Ledger, window: float = GROUP_WINDOW) -> None:
@@ -47,65 +40,25 @@ class GroupCommit:
         self.dirs: set[Path] = set()
         self.files: list[str] = []
         self.known_dirs: set[str] = set()  # folders this stage made sure exist
-        self._syncing: Optional[Future[None]] = None
-        self._thread: Optional[ThreadPoolExecutor] = None
 
     def tick(self) -> None:
-        if self._syncing is not None or not self.ledger.group_pending:
-            return
-        if time.monotonic() - self.ledger.group_opened < self.window:
-            return
-        if not self.files and not self.dirs:
-            self._commit()
-            return
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="nnresume-sync")
-        files, dirs = self.files, self.dirs
-        self.files, self.dirs = [], set()
-        self._syncing = self._thread.submit(_make_durable, files, dirs)
-
-    def holding(self) -> bool:
-        if self._syncing is None:
-            return False
-        if not self._syncing.done():
-            return True
-        self.settle()
-        return False
-
-    def settle(self) -> None:
-        syncing, self._syncing = self._syncing, None
-        if syncing is not None:
-            syncing.result()  # what the sync raised, raised here
-            self._commit()
+        if self.ledger.group_pending and time.monotonic() - self.ledger.group_opened >= self.window:
+            self.flush()
 
     def flush(self) -> None:
-        """Makes everything placed so far durable and commits it, now."""
-        self.settle()
-        _make_durable(self.files, self.dirs)
-        self.dirs, self.files = set(), []
-        self._commit()
-
-    def close(self) -> None:
-        self.settle()
-        if self._thread is not None:
-            self._thread.shutdown()
-            self._thread = None
-
-    def _commit(self) -> None:
+        if self.files:
+            synced = {atomic.syncfs(folder) for folder in _one_per_device(self.dirs)}
+            if synced != {True}:
+                for f in self.files:
+                    atomic.fsync_file(f)
+            crashpoints.reached("group_files_synced")
+        for folder in sorted(self.dirs):
+            atomic.fsync_dir(folder)
+        self.dirs.clear()
+        self.files.clear()
         if self.ledger.group_pending:
             crashpoints.reached("group_synced")
         self.ledger.commit_group()
-
-
-def _make_durable(files: list[str], dirs: set[Path]) -> None:
-    if files:
-        synced = {atomic.syncfs(folder) for folder in _one_per_device(dirs)}
-        if synced != {True}:
-            for f in files:
-                atomic.fsync_file(f)
-        crashpoints.reached("group_files_synced")
-    for folder in sorted(dirs):
-        atomic.fsync_dir(folder)
 
 
 def _one_per_device(folders: set[Path]) -> list[Path]:
@@ -148,7 +101,7 @@ class RunContext:
         return Runner(self.pool, self.budget, max_workers, self.estimator, self.run_id,
                       self.ledger.add_attempt, lambda s: self.ledger.add_memory_samples(self.run_id, s),
                       self.stop, self.settings.grace_seconds, Thresholds(allow_oversize=self.settings.allow_oversize),
-                      progress=progress, commits=self.group)
+                      progress=progress, tick=self.group.tick if self.group else None)
 
     def _peak(self, runner: Runner) -> None:
         self.session.peak_tree = max(self.session.peak_tree, runner.peak_tree)
@@ -163,10 +116,7 @@ class RunContext:
             return runner.run(scheduler, handler)
         finally:
             try:
-                try:
-                    group.flush()
-                finally:
-                    group.close()
+                group.flush()
             finally:
                 self.ledger.end_group()
                 self.group = None
@@ -193,6 +143,7 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None,
     The caller commits the ledger after this returns; until then the files are not vouched for. Files that replace
     others of the same name: the ledger's word that the old ones are no longer vouched for (the task's row marked
     running when it started) is committed first, so it never vouches for a file that is not the one it checked.
+    The staging folder the files came from, empty now, is removed (the run's end then has none left to walk).
     """
     crashpoints.set_case(case)
     where = str(folder)
@@ -221,6 +172,8 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None,
         group.dirs.add(folder)
         group.files.extend(finals)
     crashpoints.reached("renamed")
+    for staged_in in {os.path.dirname(f.staged_path) for f in files}:
+        remove_if_empty(staged_in)
 
 
 def _make_folder(folder: Path) -> None:
@@ -228,6 +181,13 @@ def _make_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if created:
         atomic.fsync_dir(folder.parent)
+
+
+def remove_if_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def place_artifact(staged: Any, final: Path, crash_point: str) -> None:
