@@ -143,7 +143,6 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None,
     The caller commits the ledger after this returns; until then the files are not vouched for. Files that replace
     others of the same name: the ledger's word that the old ones are no longer vouched for (the task's row marked
     running when it started) is committed first, so it never vouches for a file that is not the one it checked.
-    The staging folder the files came from, empty now, is removed (the run's end then has none left to walk).
     """
     crashpoints.set_case(case)
     where = str(folder)
@@ -172,8 +171,6 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None,
         group.dirs.add(folder)
         group.files.extend(finals)
     crashpoints.reached("renamed")
-    for staged_in in {os.path.dirname(f.staged_path) for f in files}:
-        remove_if_empty(staged_in)
 
 
 def _make_folder(folder: Path) -> None:
@@ -181,13 +178,6 @@ def _make_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if created:
         atomic.fsync_dir(folder.parent)
-
-
-def remove_if_empty(folder: str) -> None:
-    try:
-        os.rmdir(folder)
-    except OSError:
-        pass
 
 
 def place_artifact(staged: Any, final: Path, crash_point: str) -> None:
