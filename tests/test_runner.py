@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from nnresume.execution.memory import GIB, MIB, Estimator, Readings, Thresholds
-from nnresume.execution.pools.base import Ended, Event, Received
+from nnresume.execution.pools.base import Ended, Event, Received, Started
 from nnresume.execution.runner import Runner, StopFlag
 from nnresume.execution.scheduler import QueueItem, Scheduler
 from nnresume.ledger.models import TaskState
@@ -43,10 +43,14 @@ class FakePool:
 
     scripts: dict[str, list[Script]]
     on_this_machine = True
+    queue_depth: int = 0
     available: int = 20 * GIB
     live: dict[str, _Live] = field(default_factory=dict)
     max_concurrent: int = 0
     submitted: list[str] = field(default_factory=list)
+    queued: list[Any] = field(default_factory=list)  # as LocalPool: started, in order, as running tasks end
+    cancelled: list[str] = field(default_factory=list)
+    max_queued: int = 0
 
     def warm_up(self) -> None:
         pass
@@ -56,8 +60,14 @@ class FakePool:
         self.live[task.task_id] = _Live(task, self.scripts[task.case].pop(0))
         self.max_concurrent = max(self.max_concurrent, len(self.live))
 
+    def enqueue(self, task: Any, estimate: int) -> None:
+        self.queued.append(task)
+        self.max_queued = max(self.max_queued, len(self.queued))
+
     def poll(self, timeout: float) -> list[Event]:
-        events: list[Event] = []
+        events: list[Event] = [Ended(t, Death(exit_code=None, killed_by_us=True)) for t in self.cancelled]
+        self.cancelled.clear()
+        n = len(events)
         for task_id, w in list(self.live.items()):
             if w.killed:
                 events.append(Ended(task_id, Death(exit_code=None, signal=9, killed_by_us=True)))
@@ -76,9 +86,18 @@ class FakePool:
             else:
                 events += [Received(task_id, FingerprintResult(w.task.case, (), "digest", False, peak_rss=w.memory)),
                            Received(task_id, TaskFinished(0.1, w.memory)), Ended(task_id, None)]
+        for _ in range(sum(isinstance(e, Ended) for e in events[n:])):
+            if self.queued:
+                task = self.queued.pop(0)
+                self.submit(task, 0)
+                events.append(Started(task.task_id))
         return events
 
     def kill(self, task_id: str) -> None:
+        queued = [t for t in self.queued if t.task_id == task_id]
+        if queued:
+            self.queued.remove(queued[0])
+            self.cancelled.append(task_id)
         if task_id in self.live:
             self.live[task_id].killed = True
 
@@ -138,8 +157,8 @@ class Recorder:
 
 
 def run(scripts: dict[str, list[Script]], estimates: dict[str, int], budget: int = 4 * GIB, workers: int = 4,
-        stop: Optional[StopFlag] = None) -> tuple[FakePool, Recorder, Any]:
-    pool = FakePool(scripts)
+        stop: Optional[StopFlag] = None, queue_depth: int = 0) -> tuple[FakePool, Recorder, Any]:
+    pool = FakePool(scripts, queue_depth=queue_depth)
     attempts: list[Any] = []
     runner = Runner(pool, budget, workers, Estimator(), 1, attempts.append, lambda samples: None, stop or StopFlag(),
                     0.0, Thresholds(reserve=256 * MIB), sample_every=0.0)
@@ -238,3 +257,55 @@ def test_a_case_alone_past_the_budget_is_quarantined_at_once_with_the_budget_it_
     assert "over the budget 2.0 GiB although it ran alone" in quarantined.message
     assert "--retry-quarantined --max-ram 4G" in quarantined.message  # 2.5 GiB seen, and a quarter more
     assert ("huge", TaskState.quarantined, False) in rec.ended
+
+
+def test_queued_tasks_start_as_running_ones_end_never_more_than_the_workers() -> None:
+    cases = {f"c{i}": 100 * MIB for i in range(8)}
+    pool, rec, (stats, attempts) = run({c: [Script()] for c in cases}, cases, budget=8 * GIB, workers=2,
+                                       queue_depth=1)
+    assert pool.max_queued == 2, "one task queued per worker"
+    assert pool.max_concurrent == 2 and stats.done == 8 and sorted(rec.results) == sorted(cases)
+    assert rec.ended == [] and [a.outcome for a in attempts] == ["ok"] * 8
+
+
+def test_nothing_is_queued_unless_the_estimates_fit_half_the_budget() -> None:
+    # 0.5 GiB overhead + two running 1 GiB cases + one queued: 3.5 GiB, over half of the 4 GiB budget
+    cases = {f"c{i}": GIB for i in range(4)}
+    pool, _, (stats, _) = run({c: [Script()] for c in cases}, cases, budget=4 * GIB, workers=2, queue_depth=1)
+    assert pool.max_queued == 0 and stats.done == 4
+
+
+def test_a_stop_by_the_governor_takes_queued_tasks_back_without_counting_an_attempt() -> None:
+    # a and b are estimated at 1 GiB but grow to 3.9 GiB: past 95 % of the 8 GiB budget the newest (b) is stopped,
+    # and c, queued while there was room, is taken back rather than started in b's place
+    scripts = {"a": [Script(ticks=10, peak=3900 * MIB, grow=GIB)],
+               "b": [Script(ticks=10, peak=3900 * MIB, grow=GIB), Script(ticks=2, peak=GIB)],
+               "c": [Script(ticks=2)]}
+    pool, rec, (stats, attempts) = run(scripts, {"a": GIB, "b": GIB, "c": 100 * MIB}, budget=8 * GIB, workers=2,
+                                       queue_depth=1)
+    assert pool.max_queued == 1 and stats.stopped == 1 and stats.done == 3
+    assert ("c", TaskState.pending, False) in rec.ended, "taken back: pending again in the ledger"
+    assert [a.outcome for a in attempts if a.case_name == "c"] == ["ok"], "taken back is not an attempt"
+    assert pool.submitted.index("c") > pool.submitted.index("a"), "c started only after it was taken back"
+    assert pool.max_concurrent <= 2
+
+
+def test_a_signal_leaves_queued_tasks_pending_and_unstarted() -> None:
+    stop = StopFlag()
+    pool = FakePool({c: [Script(ticks=1000)] for c in ("a", "b", "c", "d")}, queue_depth=1)
+    runner = Runner(pool, 8 * GIB, 2, Estimator(), 1, lambda a: None, lambda s: None, stop, 0.0)
+    scheduler = Scheduler(2)
+    for c in ("a", "b", "c", "d"):
+        scheduler.add(Spec(c), MIB, {"fingerprint": 1})
+    original = pool.poll
+
+    def poll(timeout: float) -> list[Event]:
+        if pool.queued and not stop:
+            stop.set("SIGINT", 130)
+        return original(timeout)
+
+    pool.poll = poll  # type: ignore[method-assign]
+    rec = Recorder()
+    stats = runner.run(scheduler, rec)
+    assert stats.halted == "stopped by SIGINT" and len(pool.submitted) == 2
+    assert sorted(rec.ended) == [(c, TaskState.pending, False) for c in ("a", "b", "c", "d")]

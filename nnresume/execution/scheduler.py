@@ -139,6 +139,11 @@ class Scheduler:
         self._requeue(item)
 
 
+    def put_back(self, item: QueueItem) -> None:
+        """An item taken but never started returns as it was."""
+        self._queue[item.task_id] = item
+        self._ordered = None
+
     def _requeue(self, item: QueueItem) -> None:
         item.bypassed = 0
         item.blocking = item.max_concurrency == 1 or item.blocking

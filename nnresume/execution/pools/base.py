@@ -31,11 +31,24 @@ class Ended:
     death: Optional[Death]
 
 
-Event = Union[Received, Ended]
+@dataclass
+class Started:
+    """A task the pool held queued (`enqueue`) was handed to a worker that just became free."""
+
+    task_id: str
+
+
+Event = Union[Received, Ended, Started]
 
 
 class Pool(Protocol):
     on_this_machine: bool  # tasks run here: this machine's memory limit bounds them
+    queue_depth: int  # tasks per worker the pool can hold queued (`enqueue`); 0: none
+
+    def enqueue(self, task: Any, estimate: int) -> None:
+        """Holds `task` until a running task ends, then starts it at once in the freed worker (a Started event says
+        when). For small tasks this saves the round trip through the runner's loop. `kill` of a queued task
+        removes it from the queue; an Ended event with `killed_by_us` follows."""
 
     def warm_up(self) -> None:
         """Prepares to run tasks (starts what takes long to start) without waiting for it."""

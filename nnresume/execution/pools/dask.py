@@ -74,6 +74,7 @@ class WorkerInfo:
 
 class DaskPool:
     on_this_machine = False  # cases run on the cluster's workers, each within its own MEMORY
+    queue_depth = 0  # the scheduler queues tasks itself: the runner hands over only what may start
 
     def __init__(self, address: Optional[str] = None, scheduler_file: Optional[str] = None,
                  wait_for_workers: float = 600.0, connect_timeout: float = 60.0, local: Optional[LocalPool] = None,
@@ -193,6 +194,9 @@ class DaskPool:
 
     def warm_up(self) -> None:
         self._local.warm_up()
+
+    def enqueue(self, task: Any, estimate: int) -> None:
+        self.submit(task, estimate)  # not called while queue_depth is 0
 
     def submit(self, task: Any, estimate: int) -> None:
         if not isinstance(task, CASE_TASKS):

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from ...tasks import Death, TaskFailed, TaskFinished
 from ..memory import MIB, Readings, TreeSampler
-from .base import Ended, Event, Received
+from .base import Ended, Event, Received, Started
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,10 @@ class _Worker:
     process: Any
     conn: Any
     task: Any = None  # the task it runs; None while idle
+    next_task: Any = None  # sent already (enqueue): the worker starts it when it finishes `task`
+    cancel_next: bool = False  # next_task was taken back: the worker is stopped when it begins it
     tasks_run: int = 0
+    private: int = 0  # its private memory when it was last idle
     finished: bool = False  # the current task sent TaskFinished or TaskFailed
     killed_by_us: bool = False
 
@@ -56,6 +59,7 @@ def _worker_main(conn: Any) -> None:
 
 class LocalPool:
     on_this_machine = True
+    queue_depth = 1
 
     def __init__(self, sampler: Optional[TreeSampler] = None, max_tasks: int = MAX_TASKS,
                  retire_private: int = RETIRE_PRIVATE) -> None:
@@ -64,6 +68,8 @@ class LocalPool:
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(PRELOAD)
         self._workers: list[_Worker] = []
+        self._queued: list[Any] = []  # tasks enqueued while no worker could take one in advance
+        self._cancelled: list[str] = []  # queued tasks killed before they started, to report as ended
         self._ids = itertools.count()
         main = sys.modules.get("__main__")
         script = getattr(main, "__file__", None)
@@ -118,7 +124,32 @@ class LocalPool:
         except (BrokenPipeError, OSError):
             pass  # the worker died meanwhile: poll reports it as this task's death
 
+    def enqueue(self, task: Any, estimate: int = 0) -> None:
+        """Sends `task` now to a busy worker that will start it the moment it finishes its own (one in advance per
+        worker, and none to a worker due to be retired); with no such worker, holds it until one frees."""
+        w = next((w for w in self._workers if w.task is not None and w.next_task is None and not w.finished
+                  and w.process.exitcode is None and w.tasks_run < self.max_tasks
+                  and w.private <= self.retire_private), None)
+        if w is None:
+            self._queued.append(task)
+            return
+        w.next_task, w.cancel_next = task, False
+        w.tasks_run += 1
+        try:
+            w.conn.send(task)
+        except (BrokenPipeError, OSError):
+            pass  # the worker died meanwhile: poll reports the task as taken back
+
     def kill(self, task_id: str) -> None:
+        queued = next((t for t in self._queued if t.task_id == task_id), None)
+        if queued is not None:
+            self._queued.remove(queued)
+            self._cancelled.append(task_id)
+            return
+        ahead = next((w for w in self._workers if w.next_task is not None and w.next_task.task_id == task_id), None)
+        if ahead is not None:
+            ahead.cancel_next = True  # it is in the worker's pipe: the worker is stopped when it begins it
+            return
         w = self._busy().get(task_id)
         if w is not None and w.process.exitcode is None:
             w.killed_by_us = True
@@ -128,7 +159,12 @@ class LocalPool:
                 pass
 
     def _drain(self, w: _Worker, events: list[Event]) -> None:
-        while w.task is not None and not w.finished:
+        while w.task is not None:
+            if w.finished:
+                if w.next_task is None:
+                    return
+                self._promote(w, events)  # the worker went straight on to the task it had been sent
+                continue
             try:
                 if not w.conn.poll():
                     return
@@ -142,30 +178,58 @@ class LocalPool:
             if isinstance(msg, (TaskFinished, TaskFailed)):
                 w.finished = True
 
+    def _promote(self, w: _Worker, events: list[Event]) -> None:
+        events.append(Ended(w.task.task_id, None))
+        w.task, w.next_task, w.finished, w.killed_by_us = w.next_task, None, False, False
+        if w.cancel_next:  # taken back, but the worker has begun it: stopped now, reported as taken back
+            w.cancel_next = False
+            w.killed_by_us = True
+            try:
+                w.process.kill()
+            except (ProcessLookupError, OSError):
+                pass
+            return
+        events.append(Started(w.task.task_id))
+
     def poll(self, timeout: float) -> list[Event]:
-        events: list[Event] = []
+        events: list[Event] = [Ended(t, Death(exit_code=None, signal=None, killed_by_us=True))
+                               for t in self._cancelled]
+        self._cancelled.clear()
+        if events:
+            timeout = 0.0
         if not self._workers:
             time.sleep(timeout)
             return events
         waitables = [w.process.sentinel for w in self._workers] + [w.conn for w in self._workers
                                                                     if w.task is not None and not w.finished]
         multiprocessing.connection.wait(waitables, timeout)
+        freed = 0  # workers that ran a task and now run none (idle, or gone)
         for w in list(self._workers):
             self._drain(w, events)
             if w.process.exitcode is not None:
+                freed += w.task is not None
                 self._gone(w, events)
             elif w.task is not None and w.finished:
                 events.append(Ended(w.task.task_id, None))
                 w.task = None
+                freed += 1
                 self._maybe_retire(w)
+        while self._queued and freed > 0:  # the next task held here takes a freed worker
+            task = self._queued.pop(0)
+            self.submit(task)
+            events.append(Started(task.task_id))
+            freed -= 1
         return events
 
     def _gone(self, w: _Worker, events: list[Event]) -> None:
-        """The worker process ended: if it was running a task that had not finished, that task died with it."""
+        """The worker process ended: if it was running a task that had not finished, that task died with it; a task
+        sent in advance that it had not begun is reported as taken back."""
         w.process.join()
         self._drain(w, events)
         w.conn.close()
         self._workers.remove(w)
+        if w.next_task is not None:
+            events.append(Ended(w.next_task.task_id, Death(exit_code=None, signal=None, killed_by_us=True)))
         if w.task is None:
             return
         code = w.process.exitcode
@@ -177,6 +241,7 @@ class LocalPool:
 
     def _maybe_retire(self, w: _Worker) -> None:
         private = self.sampler.private_of(w.process.pid)
+        w.private = private or 0
         if w.tasks_run >= self.max_tasks or private is None or private > self.retire_private:
             log.debug("retiring worker %s after %d task(s) (private memory %s)", w.process.pid, w.tasks_run, private)
             self._stop(w)
@@ -194,7 +259,10 @@ class LocalPool:
         self._workers.remove(w)
 
     def stop_all(self) -> None:
-        """Kills and reaps every worker running a task (after an error or a signal); idle workers stay."""
+        """Kills and reaps every worker running a task (after an error or a signal); idle workers stay. Queued
+        tasks are dropped."""
+        self._queued.clear()
+        self._cancelled.clear()
         busy = [w for w in self._workers if w.task is not None]
         for w in busy:
             self.kill(w.task.task_id)
