@@ -138,7 +138,6 @@ class Scheduler:
             item.max_concurrency = 1
         self._requeue(item)
 
-
     def put_back(self, item: QueueItem) -> None:
         """An item taken but never started returns as it was."""
         self._queue[item.task_id] = item

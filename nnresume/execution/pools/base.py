@@ -33,7 +33,7 @@ class Ended:
 
 @dataclass
 class Started:
-    """A task the pool held queued (`enqueue`) was handed to a worker that just became free."""
+    """A task given with `enqueue` began: its worker finished the task before it."""
 
     task_id: str
 
