@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -45,6 +46,18 @@ def _assert_consistent(dataset: Path) -> None:
     assert strays == [], f"temporary files in a configuration folder: {strays}"
 
 
+def _ram_read_caches() -> list[Path]:
+    from nnresume.preprocess.readcache import PREFIX, RAM_FOLDER
+
+    return list(RAM_FOLDER.glob(PREFIX + "*")) if RAM_FOLDER.is_dir() else []
+
+
+def _room_for_read_cache_in_ram() -> bool:
+    from nnresume.preprocess.readcache import RAM_FOLDER, TOTAL
+
+    return os.access(RAM_FOLDER, os.W_OK) and shutil.disk_usage(RAM_FOLDER).free // 4 >= TOTAL
+
+
 @pytest.mark.parametrize("point, who", [
     ("staged", "worker"),
     ("between_renames:3", "orchestrator"),
@@ -63,8 +76,13 @@ def test_crash_point(point: str, who: str, raw_root: Path, references: Reference
         env |= {"NNRESUME_CRASH_CASE": "small_0002", "NNRESUME_CRASH_ONCE": str(tmp_path / "once")}
         run_nnresume(raw_root, pp, *ARGS, **env)  # the run itself survives its worker's death
     else:
+        before = set(_ram_read_caches())
         r = run_nnresume(raw_root, pp, *ARGS, expect=None, **env)
         assert r.returncode == -signal.SIGKILL, r.stderr
+        left = set(_ram_read_caches()) - before
+        if point == "fingerprint_aggregate" and _room_for_read_cache_in_ram():
+            # every case fingerprinted, none preprocessed: the killed run's read cache is still in RAM
+            assert len(left) == 1 and any(p.suffix == ".pkl" for p in next(iter(left)).iterdir()), left
         _assert_consistent(dataset)
         # whatever the crash left, the ledger vouches only for complete files
         v = run_nnresume(raw_root, pp, "verify", "-d", str(SMALL.dataset_id), "--full", "--json", expect=0)
@@ -72,6 +90,7 @@ def test_crash_point(point: str, who: str, raw_root: Path, references: Reference
         if point.startswith("fingerprint_aggregate"):
             assert not (dataset / "dataset_fingerprint.json").exists()
         run_nnresume(raw_root, pp, *ARGS)
+        assert not any(p.exists() for p in left), "the rerun removes a killed run's read cache from RAM"
     _assert_consistent(dataset)
     assert compare_folders(dataset, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
     v = run_nnresume(raw_root, pp, "verify", "-d", str(SMALL.dataset_id), "--full", "--json", expect=0)

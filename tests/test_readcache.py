@@ -88,3 +88,60 @@ def test_no_cache_unless_asked(tmp_path: Path) -> None:
     image, label = _case(tmp_path)
     _fingerprint(tmp_path, image, label, "")
     assert not (tmp_path / "reads").exists()
+
+
+# ---- the orchestrator's side (preprocess/readcache.py) ------------------------------------------------------------
+
+def test_in_ram_the_cache_holds_its_allotments_against_the_budget_until_taken(tmp_path: Path) -> None:
+    from nnresume.preprocess.readcache import BYTES_PER_UNIT, ReadCache
+
+    ram, staging = tmp_path / "ram", tmp_path / "staging"
+    ram.mkdir()
+    staging.mkdir()
+    cache = ReadCache(staging, budget=8 * 2**20 * 8, enabled=True, ram_root=ram)  # budget / 8 = 8 MiB
+    assert cache.in_ram and cache.folder.parent == ram
+    assert cache.folder.name.startswith(f"nnresume-reads-{os.getpid()}-")
+    units = 2**20 // BYTES_PER_UNIT  # about 1 MiB a case
+    paths = [cache.allot(f"c{i}", units) for i in range(10)]
+    assert all(paths[:8]) and paths[8:] == ["", ""], "no more than budget / 8 in all"
+    assert cache.held == 8 * BYTES_PER_UNIT * units
+    assert cache.allot("c0", units) == paths[0] and cache.held == 8 * BYTES_PER_UNIT * units, "allotted once"
+    cache.taken("c0")
+    cache.taken("c9")  # never allotted
+    assert cache.held == 7 * BYTES_PER_UNIT * units
+    cache.folder.mkdir()
+    (cache.folder / "c1.pkl").write_bytes(b"x")
+    cache.remove()
+    assert not cache.folder.exists() and cache.held == 0
+
+
+def test_without_room_in_ram_the_cache_stays_in_staging_and_holds_nothing(tmp_path: Path) -> None:
+    from nnresume.preprocess.readcache import ReadCache
+
+    cache = ReadCache(tmp_path, budget=2**50, enabled=True, ram_root=tmp_path / "missing")
+    assert not cache.in_ram and cache.folder == tmp_path / "reads"
+    assert cache.allot("c", 1000) == str(tmp_path / "reads" / "c.pkl") and cache.held == 0
+    remote = ReadCache(tmp_path, budget=2**30, enabled=False, ram_root=tmp_path)
+    assert remote.allot("c", 1000) == "", "workers on other machines keep nothing"
+
+
+def test_folders_of_runs_that_are_gone_are_removed_and_a_live_runs_kept(tmp_path: Path) -> None:
+    import subprocess
+
+    import psutil
+
+    from nnresume.preprocess.readcache import PREFIX, remove_abandoned
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    me = psutil.Process()
+    live = tmp_path / f"{PREFIX}{me.pid}-{int(me.create_time())}"
+    dead = tmp_path / f"{PREFIX}{gone.pid}-{int(me.create_time())}"
+    reused = tmp_path / f"{PREFIX}{me.pid}-{int(me.create_time()) - 1000}"  # this pid, another process's start
+    other = tmp_path / "something-else"
+    for d in (live, dead, reused, other):
+        d.mkdir()
+        (d / "c.pkl").write_bytes(b"x")
+    remove_abandoned(tmp_path)
+    assert live.exists() and other.exists()
+    assert not dead.exists() and not reused.exists()

@@ -157,11 +157,11 @@ class Recorder:
 
 
 def run(scripts: dict[str, list[Script]], estimates: dict[str, int], budget: int = 4 * GIB, workers: int = 4,
-        stop: Optional[StopFlag] = None, queue_depth: int = 0) -> tuple[FakePool, Recorder, Any]:
+        stop: Optional[StopFlag] = None, queue_depth: int = 0, held: int = 0) -> tuple[FakePool, Recorder, Any]:
     pool = FakePool(scripts, queue_depth=queue_depth)
     attempts: list[Any] = []
     runner = Runner(pool, budget, workers, Estimator(), 1, attempts.append, lambda samples: None, stop or StopFlag(),
-                    0.0, Thresholds(reserve=256 * MIB), sample_every=0.0)
+                    0.0, Thresholds(reserve=256 * MIB), sample_every=0.0, held=(lambda: held) if held else None)
     scheduler = Scheduler(workers)
     for case, estimate in estimates.items():
         scheduler.add(Spec(case), estimate, {"fingerprint": 1000})
@@ -175,6 +175,13 @@ def test_admission_keeps_the_estimates_under_the_budget() -> None:
     cases = {f"c{i}": 1536 * MIB for i in range(5)}
     pool, rec, (stats, _) = run({c: [Script()] for c in cases}, cases)
     assert pool.max_concurrent == 2 and stats.done == 5 and sorted(rec.results) == sorted(cases)
+
+
+def test_memory_held_outside_the_processes_counts_against_the_budget() -> None:
+    # the same cases, with 1.5 GiB held by the run outside its processes (the read cache in RAM): one at a time
+    cases = {f"c{i}": 1536 * MIB for i in range(5)}
+    pool, rec, (stats, _) = run({c: [Script()] for c in cases}, cases, held=1536 * MIB)
+    assert pool.max_concurrent == 1 and stats.done == 5 and sorted(rec.results) == sorted(cases)
 
 
 def test_largest_case_first() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Protocol
 
 from ..config import format_bytes
@@ -111,11 +111,13 @@ class Runner:
                  record_samples: Callable[[list[MemorySampleRecord]], None],
                  stop: StopFlag, grace_seconds: float, thresholds: Thresholds = DEFAULT_THRESHOLDS,
                  progress: Any = None, tick: Optional[Callable[[], None]] = None,
-                 sample_every: float = SAMPLE_EVERY) -> None:
+                 sample_every: float = SAMPLE_EVERY, held: Optional[Callable[[], int]] = None) -> None:
         self.pool, self.budget, self.max_workers, self.estimator = pool, budget, max_workers, estimator
         self.run_id, self.record_attempt, self.record_samples = run_id, record_attempt, record_samples
         self.stop, self.grace, self.thresholds = stop, grace_seconds, thresholds
         self.progress, self.tick, self.sample_every = progress, tick, sample_every
+        # memory the run holds outside its processes (the read cache in RAM), counted with the tree's overhead
+        self.held = held
         self.peak_tree = 0
         self._t0 = time.monotonic()
         self._samples: list[MemorySampleRecord] = []
@@ -132,6 +134,9 @@ class Runner:
             return self.readings  # events arrive far faster than memory changes when cases are small
         self._last_sample = now
         readings = self.pool.readings()
+        held = self.held() if self.held else 0
+        if held:
+            readings = replace(readings, tree=readings.tree + held, overhead=readings.overhead + held)
         for task_id, mem in readings.per_task.items():
             r = running.get(task_id)
             if r is not None:

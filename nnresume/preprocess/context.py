@@ -17,6 +17,7 @@ from ..io import atomic, crashpoints
 from ..ledger.repository import Ledger
 from ..progress import StageProgress
 from ..session import Session
+from .readcache import ReadCache
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class RunContext:
     pool: Pool  # given by the caller, who starts and stops it (it may serve several datasets)
     estimator: Estimator = field(default_factory=Estimator)
     group: Optional[GroupCommit] = None  # while a stage runs
+    read_cache: Optional[ReadCache] = None  # cases kept as read between the two stages (preprocess/readcache.py)
 
     @property
     def ledger(self) -> Ledger:
@@ -93,15 +95,13 @@ class RunContext:
     def staging(self) -> Path:
         return self.session.staging
 
-    def read_cache_path(self, case: str) -> str:
-        """Where the fingerprint stage keeps a case as read, for this run's preprocessing (worker/readcache.py)."""
-        return str(self.staging / "reads" / f"{case}.pkl")
-
     def runner(self, max_workers: int, progress: Optional[StageProgress]) -> Runner:
+        cache = self.read_cache
         return Runner(self.pool, self.budget, max_workers, self.estimator, self.run_id,
                       self.ledger.add_attempt, lambda s: self.ledger.add_memory_samples(self.run_id, s),
                       self.stop, self.settings.grace_seconds, Thresholds(allow_oversize=self.settings.allow_oversize),
-                      progress=progress, tick=self.group.tick if self.group else None)
+                      progress=progress, tick=self.group.tick if self.group else None,
+                      held=(lambda: cache.held) if cache is not None else None)
 
     def _peak(self, runner: Runner) -> None:
         self.session.peak_tree = max(self.session.peak_tree, runner.peak_tree)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -31,11 +30,6 @@ FINGERPRINT_JSON = "dataset_fingerprint.json"
 # Bytes per foreground sample and channel while a case is analysed: the drawn indices (int64) and values, measured
 # at about 8 on nnunetv2 2.8.1, doubled for safety
 SAMPLE_BYTES = 16
-# the read cache (worker/readcache.py): bytes per fingerprint unit (a float32 value, and the segmentation's share),
-# the largest case kept (beyond it reading is small beside the case's other work) and the most kept in a run
-READ_CACHE_BYTES_PER_UNIT = 5
-READ_CACHE_CASE = 16 << 20
-READ_CACHE_TOTAL = 4 << 30
 RESULT_FORMAT = 4  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
 
 
@@ -149,24 +143,6 @@ class FingerprintHandler:
     def __init__(self, ctx: RunContext, plan: FingerprintPlan, reader_writer: str, dataset_json: dict[str, Any]
                  ) -> None:
         self.ctx, self.plan, self.reader, self.dataset_json = ctx, plan, reader_writer, dataset_json
-        # the cases read once for both stages: small ones, up to a total that stays small beside the budget (the
-        # files are in the page cache, which a memory cgroup counts) and the free disk space
-        self.read_cache_left = 0
-        if ctx.pool.on_this_machine:
-            free = shutil.disk_usage(ctx.staging).free
-            self.read_cache_left = min(READ_CACHE_TOTAL, ctx.budget // 8, free // 4)
-        self.read_cached: set[str] = set()
-
-    def _read_cache(self, item: QueueItem) -> str:
-        w: FingerprintWork = item.spec
-        if w.case not in self.read_cached:
-            size = READ_CACHE_BYTES_PER_UNIT * item.units.get("fingerprint", 0)
-            if not 0 < size <= min(READ_CACHE_CASE, self.read_cache_left):
-                return ""
-            self.read_cache_left -= size
-            self.read_cached.add(w.case)
-        return self.ctx.read_cache_path(w.case)
-
     def build(self, item: QueueItem, attempt: int) -> FingerprintTask:
         w: FingerprintWork = item.spec
         return FingerprintTask(
@@ -174,7 +150,8 @@ class FingerprintHandler:
             extractor=self.ctx.settings.fingerprint_extractor, reader_writer=self.reader,
             num_samples=self.plan.num_samples, staging=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
             dataset_json=self.dataset_json, known=w.known, reuse_if_unchanged=w.reuse_if_unchanged,
-            read_cache=self._read_cache(item))
+            read_cache=self.ctx.read_cache.allot(w.case, item.units.get("fingerprint", 0)) if self.ctx.read_cache
+            else "")
 
     def started(self, item: QueueItem) -> None:
         self.ctx.ledger.fingerprint_started(item.case, self.ctx.run_id, item.estimate, item.spec.attempt_key)

@@ -157,7 +157,7 @@ class PreprocessHandler:
                               expected=expected, plans=self.plans, dataset_json=self.dataset_json,
                               targets_=tuple(w.targets),
                               staging=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
-                              read_cache=self.ctx.read_cache_path(w.case))
+                              read_cache=self.ctx.read_cache.path(w.case) if self.ctx.read_cache else "")
 
     def started(self, item: QueueItem) -> None:
         w: OutputWork = item.spec
@@ -168,6 +168,8 @@ class PreprocessHandler:
     def received(self, item: QueueItem, msg: Any) -> None:
         assert isinstance(msg, OutputResult)
         w: OutputWork = item.spec
+        if self.ctx.read_cache:
+            self.ctx.read_cache.taken(w.case)
         ident = msg.target.data_identifier
         place_files(list(msg.files), self.ctx.layout.data_folder(ident), w.case, self.ctx.group)
         self.ctx.ledger.output_done(
@@ -178,6 +180,8 @@ class PreprocessHandler:
 
     def ended_badly(self, item: QueueItem, state: TaskState, message: str, died: bool, peak: Optional[int]) -> None:
         w: OutputWork = item.spec
+        if self.ctx.read_cache:
+            self.ctx.read_cache.taken(w.case)
         if w.targets:
             self.ctx.ledger.outputs_ended_badly(w.case, [t.data_identifier for t in w.targets], state, message, died,
                                                 peak)

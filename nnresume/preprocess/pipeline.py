@@ -36,6 +36,7 @@ from ..session import Outcome, run_session
 from ..tasks import ClassCheckTask, IntegrityTask, ReaderTask
 from . import fingerprint, outputs, planning
 from .context import RunContext
+from .readcache import ReadCache
 
 log = logging.getLogger(__name__)
 
@@ -256,9 +257,11 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
         log.info("%s: %d case(s); up to %d worker(s); memory budget %s (%s available)", layout.name, len(cases),
                  workers, format_bytes(budget), format_bytes(available))
         ctx = RunContext(settings, layout, session, stop, budget, workers, nnunetv2_version(), pool)
+        ctx.read_cache = ReadCache(session.staging, budget, enabled=pool.on_this_machine)
         try:
             records = _stages(ctx, dataset_json, cases)
             _summarize(ctx, records, session.outcome)
         finally:
             pool.stop_all()  # this dataset's workers; the pool itself may serve the next dataset
+            ctx.read_cache.remove()
     return session.outcome

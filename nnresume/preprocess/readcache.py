@@ -1,0 +1,109 @@
+"""The read cache's orchestrator side: which cases are kept as read, where, and the memory they hold.
+
+The fingerprint stage keeps a small case as the reader returned it, for this run's preprocessing
+(worker/readcache.py). The copies are not results: nothing needs them on disk. In the run's staging folder, the group
+commit's `syncfs` wrote every one to disk anyway (on 2,000 one-channel PNG cases 200 KB each beside a 50 KB result,
+which made the cache cost more than the second read it saved). So they go to a RAM file system (`/dev/shm`) where
+there is one with room, and the staging folder only where there is none.
+
+In RAM they are memory the run holds outside its processes: `held` bytes (each case's allotment, from it being handed
+out until its preprocessing has taken it) count with the process tree against the budget (execution/runner.py), and
+the total stays within min(4 GiB, budget / 8, a quarter of the RAM file system's free space). The folder is the run
+process's (`nnresume-reads-<pid>-<start time>`): removed when the run ends, and a folder whose process is gone (a run
+killed with SIGKILL) is removed by the next preprocessing run on this machine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+# bytes per fingerprint unit (a float32 value, and the segmentation's share), the largest case kept (beyond it reading
+# is small beside the case's other work) and the most kept in a run
+BYTES_PER_UNIT = 5
+PER_CASE = 16 << 20
+TOTAL = 4 << 30
+RAM_FOLDER = Path("/dev/shm")
+PREFIX = "nnresume-reads-"
+
+
+def _process_tag(pid: int) -> Optional[str]:
+    try:
+        return f"{pid}-{int(psutil.Process(pid).create_time())}"
+    except (psutil.Error, OSError):
+        return None
+
+
+def remove_abandoned(root: Path = RAM_FOLDER) -> None:
+    """Removes read-cache folders in `root` whose run process no longer exists."""
+    try:
+        entries = [e for e in os.scandir(root) if e.name.startswith(PREFIX) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for e in entries:
+        tag = e.name[len(PREFIX):]
+        pid = tag.split("-", 1)[0]
+        if pid.isdigit() and _process_tag(int(pid)) == tag:
+            continue  # a run in progress
+        if e.stat(follow_symlinks=False).st_uid == os.getuid():
+            log.debug("removing %s, left by a run that was killed", e.path)
+            shutil.rmtree(e.path, ignore_errors=True)
+
+
+class ReadCache:
+    def __init__(self, staging: Path, budget: int, enabled: bool, ram_root: Path = RAM_FOLDER) -> None:
+        self.folder = staging / "reads"
+        self.in_ram = False
+        self.left = 0
+        self.held = 0
+        self._allotted: dict[str, int] = {}
+        if not enabled:  # the workers are on other machines
+            return
+        ram_free = _free(ram_root) if os.access(ram_root, os.W_OK) else 0
+        tag = _process_tag(os.getpid())
+        if tag is not None and min(TOTAL, budget // 8) <= ram_free // 4:
+            remove_abandoned(ram_root)
+            self.folder, self.in_ram = ram_root / f"{PREFIX}{tag}", True
+            self.left = min(TOTAL, budget // 8)
+        else:
+            # on disk the files are in the page cache, which a memory cgroup counts
+            self.left = min(TOTAL, budget // 8, _free(staging) // 4)
+
+    def path(self, case: str) -> str:
+        return str(self.folder / f"{case}.pkl")
+
+    def allot(self, case: str, units: int) -> str:
+        """The path where the fingerprint stage keeps `case` as read, or "" if it is not to be kept."""
+        if case not in self._allotted:
+            size = BYTES_PER_UNIT * units
+            if not 0 < size <= min(PER_CASE, self.left):
+                return ""
+            self.left -= size
+            self._allotted[case] = size
+            if self.in_ram:
+                self.held += size
+        return self.path(case)
+
+    def taken(self, case: str) -> None:
+        """The case's preprocessing has ended: it read and removed its copy, or no longer needs it."""
+        size = self._allotted.pop(case, 0)
+        if self.in_ram:
+            self.held -= size
+
+    def remove(self) -> None:
+        if self.in_ram:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.held = 0
+
+
+def _free(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
