@@ -24,9 +24,10 @@ import psutil
 
 log = logging.getLogger(__name__)
 
-# bytes per fingerprint unit (a float32 value, and the segmentation's share), the largest case kept (beyond it reading
-# is small beside the case's other work) and the most kept in a run
-BYTES_PER_UNIT = 5
+# bytes per fingerprint unit (a value of an image file, float32 as nnU-Net's readers return it, and at most as much
+# again for the segmentation, which they return as float32 too), the largest case kept (beyond it reading is small
+# beside the case's other work) and the most kept in a run
+BYTES_PER_UNIT = 8
 PER_CASE = 16 << 20
 TOTAL = 4 << 30
 RAM_FOLDER = Path("/dev/shm")
