@@ -110,7 +110,11 @@ def test_in_ram_the_cache_holds_its_allotments_against_the_budget_until_taken(tm
     cache.taken("c9")  # never allotted
     assert cache.held == 7 * BYTES_PER_UNIT * units
     cache.folder.mkdir()
-    (cache.folder / "c1.pkl").write_bytes(b"x")
+    for i in (1, 2, 3):
+        (cache.folder / f"c{i}.pkl").write_bytes(b"x")
+    cache.keep_only({"c1", "c2"})  # the others' outputs are up to date: their copies go
+    assert sorted(p.name for p in cache.folder.iterdir()) == ["c1.pkl", "c2.pkl"]
+    assert cache.held == 2 * BYTES_PER_UNIT * units
     cache.remove()
     assert not cache.folder.exists() and cache.held == 0
 

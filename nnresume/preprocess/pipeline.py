@@ -152,6 +152,8 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
     scope = outputs.configurations_in_scope(ctx, plans, dataset_json)
     ledger.set_configurations(scope)
     pplan = outputs.plan_outputs(ctx, cases, records, plans, scope)
+    if ctx.read_cache:  # copies of cases whose outputs are up to date (a rerun that redid every fingerprint)
+        ctx.read_cache.keep_only({w.case for w in pplan.work})
     if pplan.blocked:
         rows = [(n, c.data_identifier, c.configuration) for n in pplan.blocked for c in scope]
         ledger.ensure_outputs(rows)

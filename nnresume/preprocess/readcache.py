@@ -7,8 +7,9 @@ which made the cache cost more than the second read it saved). So they go to a R
 there is one with room, and the staging folder only where there is none.
 
 In RAM they are memory the run holds outside its processes: `held` bytes (each case's allotment, from it being handed
-out until its preprocessing has taken it) count with the process tree against the budget (execution/runner.py), and
-the total stays within min(4 GiB, budget / 8, a quarter of the RAM file system's free space). The folder is the run
+out until its preprocessing has taken it, or until the outputs are planned and need no preprocessing of it) count
+with the process tree against the budget (execution/runner.py), and the total stays within min(4 GiB, budget / 8,
+a quarter of the RAM file system's free space). The folder is the run
 process's (`nnresume-reads-<pid>-<start time>`): removed when the run ends, and a folder whose process is gone (a run
 killed with SIGKILL) is removed by the next preprocessing run on this machine.
 """
@@ -96,6 +97,15 @@ class ReadCache:
         size = self._allotted.pop(case, 0)
         if self.in_ram:
             self.held -= size
+
+    def keep_only(self, cases: set[str]) -> None:
+        """Removes the copies of every case not in `cases` (whose outputs need no preprocessing)."""
+        for case in [c for c in self._allotted if c not in cases]:
+            try:
+                os.unlink(self.path(case))
+            except OSError:
+                pass
+            self.taken(case)
 
     def remove(self) -> None:
         if self.in_ram:
