@@ -51,13 +51,14 @@ def build_status(layout: DatasetLayout, ledger: Ledger, command: str = "preproce
 
     for ident, conf in configurations.items():
         counts = counted(rows.output_counts.get(ident, {}))
-        peaks = sorted(rows.output_peaks.get(ident, []), reverse=True)
+        peaks = rows.output_peaks.get(ident, [])
         durations = rows.output_durations.get(ident, [])
         stages[ident] = {
             "configuration": conf.configuration, "counts": counts, "total": sum(counts.values()),
-            "peak_rss_max": peaks[0][0] if peaks else None,
-            "peak_rss_median": int(statistics.median(p for p, _ in peaks)) if peaks else None,
-            "largest_cases": [{"case": n, "peak_rss": p} for p, n in peaks[:3]] if ident != GT_IDENTIFIER else [],
+            "peak_rss_max": max(peaks, default=None),
+            "peak_rss_median": int(statistics.median(peaks)) if peaks else None,
+            "largest_cases": ([{"case": n, "peak_rss": p} for p, n in rows.output_largest.get(ident, [])]
+                              if ident != GT_IDENTIFIER else []),
             "mean_duration_s": statistics.fmean(durations) if durations else None,
         }
     if command == "predict":
