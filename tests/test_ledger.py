@@ -108,3 +108,47 @@ def test_status_rows_counts_and_names_the_largest(tmp_path: Path) -> None:
     assert sorted(r.output_durations[IDENTS[0]]) == [0.2, 0.3]
     assert r.cases_complete == 1  # b is not done in gt_segmentations
     assert [(name, state) for _, name, state, _ in r.fingerprint_failures] == [("c", TaskState.quarantined)]
+
+
+def test_a_result_replacing_files_waits_for_the_commit_of_its_start(tmp_path: Path) -> None:
+    """A rerun's result whose file replaces a vouched one is placed only after the ledger has committed that the
+    old file is no longer vouched for (the row marked running), without a commit of its own."""
+    from nnresume.preprocess.context import GroupCommit
+
+    path = str(tmp_path / "l.sqlite")
+    ledger = Ledger.open(path)
+    run = ledger.start_run("preprocess", {}, "host", 1, None, "2.x", "0.x", None)
+    folder = tmp_path / "fingerprints"
+    folder.mkdir()
+    (folder / "a.pkl").write_text("old")
+    ledger.start_group()
+    group = GroupCommit(ledger, window=3600)
+    ledger.fingerprint_started("a", run, 100)
+    ledger.fingerprint_started("b", run, 100)
+    placed: list[str] = []
+
+    def place(case: str) -> None:
+        placed.append(case)
+        ledger.fingerprint_done(case, run, "key", "d", [], f"fp/{case}.pkl", 3, "s" * 64, [1], [1.0], 0.1, 1, None)
+
+    assert group.later("a", folder, ["a.pkl"], lambda: place("a"))  # replaces a file, start not committed
+    assert not group.later("b", folder, ["b.pkl"], lambda: place("b"))  # nothing to replace: placed at once
+    place("b")
+    assert placed == ["b"]
+    reader = Ledger.open(path, create=False)
+    assert "a" not in reader.load_cases()  # nothing committed yet
+
+    group.flush()  # commits the starts, then places a: its done mark starts the next group
+    assert placed == ["b", "a"]
+    fp = reader.load_cases()["a"].fingerprint
+    assert fp is not None and fp.state == TaskState.running
+    assert ledger.group_pending and not ledger.case_pending("b")
+
+    ledger.fingerprint_started("c", run, 100)
+    (folder / "c.pkl").write_text("old")
+    assert group.later("c", folder, ["c.pkl"], lambda: place("c"))
+    group.flush(final=True)  # the end of a stage: what waited is placed and committed too
+    assert placed == ["b", "a", "c"] and not ledger.group_pending
+    ledger.end_group()
+    states = {n: r.fingerprint.state for n, r in reader.load_cases().items() if r.fingerprint}
+    assert states == {"a": TaskState.done, "b": TaskState.done, "c": TaskState.done}

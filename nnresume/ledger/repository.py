@@ -248,6 +248,7 @@ class Ledger:
         self._rows: dict[tuple[str, int, str], _GroupRow] = {}
         self._loaded: set[str] = set()
         self._touched: dict[int, _GroupRow] = {}
+        self._touched_cases: set[int] = set()
         # While grouping, case-level writes wait for the commit and go in one statement each: the latest values per
         # case (input digest, header) and the latest input-file list per case.
         self._case_updates: dict[int, dict[str, Any]] = {}
@@ -278,6 +279,14 @@ class Ledger:
     def group_pending(self) -> bool:
         return self._dirty
 
+    def case_pending(self, name: str) -> bool:
+        """Whether the case's fingerprint or output rows have writes the group has not committed yet (outside a
+        group every write is committed at once)."""
+        if not self._grouping:
+            return False
+        case_id = self._case_ids.get(name)
+        return case_id is None or case_id in self._touched_cases
+
     def commit_group(self) -> None:
         group = self._group
         if group is None or not self._dirty:
@@ -288,6 +297,7 @@ class Ledger:
             for row in self._touched.values():
                 row.committed()
             self._touched.clear()
+            self._touched_cases.clear()
             self._dirty = False
         except BaseException:
             self._drop_group()
@@ -324,6 +334,7 @@ class Ledger:
         self._rows.clear()
         self._loaded.clear()
         self._touched.clear()
+        self._touched_cases.clear()
         if group is not None:
             group.rollback()
             group.close()
@@ -535,6 +546,7 @@ class Ledger:
                 row = self._rows["f", case_id, ""] = _GroupRow(Fingerprint, case_id, 0, 0, {
                     "state": TaskState.pending, "attempts": 0, "deaths": 0, "updated_at": time.time()})
             self._touched[id(row)] = row
+            self._touched_cases.add(case_id)
             return row
         fp = s.get(Fingerprint, case_id)
         if fp is None:
@@ -650,6 +662,7 @@ class Ledger:
                 pk = cast(Any, s.execute(insert(Output).values(**values))).inserted_primary_key[0]
                 row = self._rows["o", case_id, data_identifier] = _GroupRow(Output, pk, 0, 0)
             self._touched[id(row)] = row
+            self._touched_cases.add(case_id)
             return row
         o = s.scalar(select(Output).where(Output.case_id == case_id, Output.data_identifier == data_identifier))
         if o is None:

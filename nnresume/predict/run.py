@@ -127,7 +127,10 @@ class PredictHandler:
     def received(self, item: QueueItem, msg: Any) -> None:
         assert isinstance(msg, OutputResult)
         w: CaseWork = item.spec
-        place_files(list(msg.files), self.folder, w.case, self.ctx.group)
+        group = self.ctx.group
+        if group and group.later(w.case, self.folder, [f.name for f in msg.files], lambda: self.received(item, msg)):
+            return
+        place_files(list(msg.files), self.folder, w.case, group)
         self.ctx.ledger.output_done(
             w.case, PREDICTION, self.model.configuration, self.ctx.run_id, self.model.spec.key,
             self.inputs[w.case][0], [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in msg.files],

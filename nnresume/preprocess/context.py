@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +35,11 @@ class GroupCommit:
     durable under its final name before the ledger vouches for it, as with one fsync and one commit per task; a kill
     before the commit loses only the group's tasks, whose renamed files the next run finds unvouched and removes.
     Measured on 2,000 small 2D cases: an fsync per file was ~1.3 ms, 10 s of worker time in all.
+
+    A result whose files replace others (a rerun) waits for the commit that says the old files are no longer
+    vouched for (its row marked running when it started, `later`), and is placed right after that commit, in the
+    next group. Measured on 3,060 tiny cases rerun after adding cases: a flush before each such result made the
+    fingerprint stage 2.2 times as long as a cold run's.
     """
 
     def __init__(self, ledger: Ledger, window: float = GROUP_WINDOW) -> None:
@@ -41,12 +47,38 @@ class GroupCommit:
         self.dirs: set[Path] = set()
         self.files: list[str] = []
         self.known_dirs: set[str] = set()  # folders this stage made sure exist
+        self.waiting: list[Callable[[], None]] = []  # results to place once the ledger has committed
 
     def tick(self) -> None:
-        if self.ledger.group_pending and time.monotonic() - self.ledger.group_opened >= self.window:
+        if (self.ledger.group_pending or self.waiting) and time.monotonic() - self.ledger.group_opened >= self.window:
             self.flush()
 
-    def flush(self) -> None:
+    def later(self, case: str, folder: Path, names: Iterable[str], then: Callable[[], None]) -> bool:
+        """True if `case` has ledger writes not yet committed and its files would replace existing ones: `then`
+        runs after the next commit instead (it places the files and records the result)."""
+        if not self.ledger.case_pending(case):
+            return False
+        where = str(folder)
+        if not any(os.path.exists(os.path.join(where, name)) for name in names):
+            return False
+        if not self.waiting and not self.ledger.group_pending:
+            self.ledger.group_opened = time.monotonic()
+        self.waiting.append(then)
+        return True
+
+    def flush(self, final: bool = False) -> None:
+        """Makes the group durable and commits it, then places the results that waited for that commit (their
+        writes start the next group; with `final`, the end of a stage, that group is committed too)."""
+        self.commit()
+        while self.waiting:
+            waiting, self.waiting = self.waiting, []
+            for then in waiting:
+                then()
+            if not final:
+                return
+            self.commit()
+
+    def commit(self) -> None:
         if self.files:
             synced = {atomic.syncfs(folder) for folder in _one_per_device(self.dirs)}
             if synced != {True}:
@@ -116,7 +148,7 @@ class RunContext:
             return runner.run(scheduler, handler)
         finally:
             try:
-                group.flush()
+                group.flush(final=True)
             finally:
                 self.ledger.end_group()
                 self.group = None
@@ -147,8 +179,9 @@ def place_files(files: list[Any], folder: Path, case: Optional[str] = None,
     crashpoints.set_case(case)
     where = str(folder)
     finals = [os.path.join(where, f.name) for f in files]
-    if group is not None and group.ledger.group_pending and any(os.path.exists(p) for p in finals):
-        group.flush()
+    if (group is not None and (group.ledger.case_pending(case) if case else group.ledger.group_pending)
+            and any(os.path.exists(p) for p in finals)):
+        group.commit()  # the handlers wait for the commit instead (GroupCommit.later); this is the safe fallback
     if group is None or where not in group.known_dirs:
         _make_folder(folder)
         if group is not None:

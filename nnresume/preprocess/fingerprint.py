@@ -164,7 +164,11 @@ class FingerprintHandler:
             self.ctx.ledger.fingerprint_unchanged(msg.case, files)
             return
         assert msg.result is not None
-        place_files([msg.result], self.ctx.layout.fingerprints, msg.case, self.ctx.group)
+        group = self.ctx.group
+        if group and group.later(msg.case, self.ctx.layout.fingerprints, [msg.result.name],
+                                 lambda: self.received(item, msg)):
+            return
+        place_files([msg.result], self.ctx.layout.fingerprints, msg.case, group)
         self.ctx.ledger.fingerprint_done(
             msg.case, self.ctx.run_id, self.plan.key, msg.input_digest, files,
             os.path.relpath(self.ctx.layout.fingerprints / msg.result.name, self.ctx.layout.work),

@@ -168,10 +168,13 @@ class PreprocessHandler:
     def received(self, item: QueueItem, msg: Any) -> None:
         assert isinstance(msg, OutputResult)
         w: OutputWork = item.spec
+        ident, group = msg.target.data_identifier, self.ctx.group
+        folder = self.ctx.layout.data_folder(ident)
+        if group and group.later(w.case, folder, [f.name for f in msg.files], lambda: self.received(item, msg)):
+            return
         if self.ctx.read_cache:
             self.ctx.read_cache.taken(w.case)
-        ident = msg.target.data_identifier
-        place_files(list(msg.files), self.ctx.layout.data_folder(ident), w.case, self.ctx.group)
+        place_files(list(msg.files), folder, w.case, group)
         self.ctx.ledger.output_done(
             w.case, ident, msg.target.configuration, self.ctx.run_id, self.hashes[ident],
             self.records[w.case].input_digest or "",
