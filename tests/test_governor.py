@@ -269,3 +269,10 @@ def test_default_budget_keeps_a_reserve() -> None:
     assert default_budget(24 * GIB) == 24 * GIB - int(2.4 * GIB)
     assert default_budget(4 * GIB) == 3 * GIB
     assert default_budget(100 * GIB) == 96 * GIB
+
+
+def test_default_budget_in_a_jobs_own_cgroup_keeps_a_tenth() -> None:
+    mib = 2**20
+    assert default_budget(2000 * mib, own_cgroup=True) == 1800 * mib  # 1000 MiB on a shared machine
+    assert default_budget(2000 * mib) == 1000 * mib
+    assert default_budget(100 * GIB, own_cgroup=True) == 96 * GIB

@@ -7,8 +7,9 @@ own processes, need more than 2400 MiB, while one at a time fits.
 
 Prediction likewise: `nnUNetv2_predict` with its default `-npp 3 -nps 3` starts six background processes beside the
 one holding the network, each importing torch; in a 1500 MiB cgroup the kernel OOM-kills them (measured: exit -9 after
-4 OOM kills; at 2000 MiB it hung until killed after 600 s), while `nnresume predict --max-ram 1500M` runs as many
-workers as fit (peak 788 MiB in the cgroup) and writes the same segmentations as nnU-Net's unconstrained run.
+4 OOM kills; at 2000 MiB it hung until killed after 600 s), while `nnresume predict` with its default budget (the
+memory available in the cgroup minus a tenth) runs as many workers as fit (peak 777 MiB in the cgroup) and writes
+the same segmentations as nnU-Net's unconstrained run.
 """
 from __future__ import annotations
 
@@ -92,8 +93,9 @@ def test_nnunet_predict_is_oom_killed_and_nnresume_predict_finishes_identically(
         f"nnUNetv2_predict was expected to be OOM-killed at {PREDICT_LIMIT_MIB} MiB (exit {nn.returncode}, "
         f"{nn.oom_kills} OOM kills)\n{nn.output[-2000:]}")
 
+    # no --max-ram: the default budget must hold inside a job's own cgroup (a SLURM job's --mem)
     ours = run_in_fresh_cgroup(limit, [sys.executable, "-m", "nnresume", "predict", *args, "-o", str(tmp_path / "ours"),
-                                       "--max-ram", f"{PREDICT_LIMIT_MIB}M", "--no-pbar"], env, timeout=600)
+                                       "--no-pbar"], env, timeout=600)
     assert ours.returncode == 0, ours.output[-4000:]
     assert ours.oom_kills == 0, f"nnresume predict was OOM-killed {ours.oom_kills} time(s)"
 

@@ -31,7 +31,6 @@ from .conftest import (
     nnunet_command,
     run_nnresume,
     start_nnresume,
-    wait_for,
 )
 
 SPEC = DemoSpec(dataset_id=951, name="Pred", num_cases=3, channels=("CT", "T2"), min_shape=(12, 24, 24),
@@ -153,10 +152,13 @@ def test_predictions_identical_to_nnunet(model: Model, tmp_path: Path) -> None:
 def test_kill_resume_and_reruns(model: Model, tmp_path: Path) -> None:
     inputs, out = copy_inputs(model, tmp_path / "in"), tmp_path / "out"
     ledger = out / "nnresume.sqlite"
+    # SIGKILL when the second group of finished cases is durable, before its commit: after the first case the
+    # others take ~0.15 s each, so a kill from here after seeing the first done row sometimes came too late
     proc = start_nnresume(model.raw, model.preprocessed, "predict", "-i", str(inputs), "-o", str(out), *ARGS,
-                          "--no-pbar", "-npp", "1")
-    wait_for(lambda: ledger.exists() and len(done_rows(out)) >= 1, timeout=600, proc=proc)
-    kill_group(proc, signal.SIGKILL)
+                          "--no-pbar", "-npp", "1", NNRESUME_CRASH_AT="group_files_synced:2")
+    proc.wait(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read() if proc.stdout else ""
+    kill_group(proc, signal.SIGKILL)  # its workers
     before = done_rows(out)
     assert 1 <= len(before) < SPEC.num_cases, "the run finished before it could be killed"
     killed_run = ledger_query(ledger, "select max(id) from runs")[0][0]

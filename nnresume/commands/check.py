@@ -161,8 +161,9 @@ def inspect_in_workers(cases: dict[str, CaseFiles], dataset_json: dict[str, Any]
                        progress: bool) -> tuple[list[Finding], dict[str, list[Finding]]]:
     """Reads each case through nnU-Net's reader in a worker, as the fingerprint stage would (memory-governed; a
     reader that crashes takes only its worker). Returns dataset-level findings and each case's."""
-    runner = Runner(pool, default_budget(system.available_memory()), workers, Estimator(), 0, lambda a: None,
-                    lambda s: None, StopFlag(), 0.0, progress=None)
+    budget = default_budget(system.available_memory(), system.cgroup_is_tighter())
+    runner = Runner(pool, budget, workers, Estimator(), 0, lambda a: None, lambda s: None, StopFlag(), 0.0,
+                    progress=None)
     examples = tuple(c.images[0] for c in cases.values() if c.images)[:20]
     try:
         reader = str(runner.run_one(ReaderTask("check-reader", dataset_json, examples)).value)

@@ -54,18 +54,22 @@ class Thresholds:
 DEFAULT_THRESHOLDS = Thresholds()
 
 
-def default_budget(available: int) -> int:
-    """Without --max-ram: what is available now, minus a reserve of 10% (at least 1 GiB, at most 4 GiB)."""
-    reserve = min(4 * GIB, max(GIB, available // 10))
+def default_budget(available: int, own_cgroup: bool = False) -> int:
+    """Without --max-ram: what is available now, minus a reserve of 10%, at most 4 GiB. On a machine others share
+    the reserve is at least 1 GiB; when the tighter limit is a memory cgroup of the job's own (a SLURM job's
+    `--mem`, a container's `-m`), nothing but the job lives in it and its page cache is reclaimed before anything is
+    killed, so 10% is kept (a 1 GiB reserve was half of a 2 GiB job and left a predicting worker no room)."""
+    reserve = min(4 * GIB, available // 10 if own_cgroup else max(GIB, available // 10))
     return max(available - reserve, available // 2)
 
 
-def resolve_budget(max_bytes: Optional[int], fraction: Optional[float], available: int) -> int:
+def resolve_budget(max_bytes: Optional[int], fraction: Optional[float], available: int,
+                   own_cgroup: bool = False) -> int:
     if max_bytes is not None:
         return max_bytes
     if fraction is not None:
         return int(available * fraction)
-    return default_budget(available)
+    return default_budget(available, own_cgroup)
 
 
 # ---- readings --------------------------------------------------------------------------------------------------

@@ -119,6 +119,12 @@ def available_memory() -> int:
     return min(host, cg.available) if cg is not None and cg.available is not None else host
 
 
+def cgroup_is_tighter() -> bool:
+    """Whether a memory cgroup, not the host, bounds what this process tree can still allocate."""
+    cg = read_cgroup_memory()
+    return cg is not None and cg.available is not None and cg.available < psutil.virtual_memory().available
+
+
 def memory_limit() -> int:
     """The most this process tree may ever hold: host total, cgroup limit and RLIMIT_RSS, whichever is least."""
     limits = [psutil.virtual_memory().total]

@@ -232,7 +232,8 @@ def predict(settings: PredictSettings, stop: StopFlag, pool: Pool) -> Outcome:
     folder = Path(settings.output_folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     available = system.available_memory()
-    budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available)
+    budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available,
+                            system.cgroup_is_tighter())
     check_budget(budget, settings.max_ram)
     workers = settings.num_workers
     # the output folder in the place of a dataset's preprocessed folder: OUT/nnresume.sqlite, OUT/.nnresume/

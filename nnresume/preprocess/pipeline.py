@@ -249,7 +249,8 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
                            f"expected files named <case>_0000{dataset_json['file_ending']}")
     check_configuration_names(settings, layout)
     available = system.available_memory()
-    budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available)
+    budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available,
+                            system.cgroup_is_tighter())
     check_budget(budget, settings.max_ram)
     workers = settings.num_workers or system.usable_cpus()
     layout.preprocessed.mkdir(parents=True, exist_ok=True)
