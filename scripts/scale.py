@@ -13,6 +13,8 @@ Steps (each printed as it ends, and written to --json / a section of --report):
 It takes a long time (the cold run is nnU-Net's own work on every case); it is not part of the test suite.
 
     python scripts/scale.py --cases 25000 --workdir /tmp/scale --json /tmp/scale.json --report BENCHMARKS.md
+
+`--add-only` repeats step 7 alone on a workdir that has been through a run: ten more cases, one timed rerun.
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--report", type=Path)
+    ap.add_argument("--add-only", action="store_true", help="only add ten cases to the workdir's dataset and rerun")
     a = ap.parse_args()
     env = _env(a.workdir)
     spec = DemoSpec(dataset_id=DATASET_ID, name="Scale", num_cases=a.cases, min_shape=(1, 24, 24),
@@ -81,6 +84,14 @@ def main() -> int:
         make_dataset(spec, raw)
         results["generate_s"] = round(time.monotonic() - t0, 1)
     base = ["preprocess", "-d", str(DATASET_ID), "-np", str(a.np), "--no-pbar"]
+    if a.add_only:
+        n = json.loads((folder / "dataset.json").read_text())["numTraining"]
+        grown = dataclasses.replace(spec, num_cases=n + 10)
+        for i in range(n, n + 10):
+            write_case(grown, folder, i)
+        write_dataset_json(grown, folder)
+        results["plus_ten"] = timed(base, env)
+        return 0
     results["cold"] = timed(base, env)
     results["noop"] = timed(base, env)
     results["status"] = timed(["status", "-d", str(DATASET_ID)], env)
