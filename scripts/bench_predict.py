@@ -9,6 +9,8 @@ the repeats; ratios are per repeat, then the median.
 
     python scripts/bench_predict.py --cases 8 --min-shape 32 64 64 --max-shape 40 80 80 --repeats 3 \\
         --workdir /tmp/bench-predict --report /tmp/bench_predict.md
+
+2D (natural images, the 2d configuration): `--ndim 2 --file-ending .png --min-shape 1 256 256 --max-shape 1 320 320`.
 """
 from __future__ import annotations
 
@@ -30,13 +32,16 @@ from benchlib import MAKE_MODEL, fresh, nnunet_command, run_measured  # noqa: E4
 from nnresume.synthetic import DemoSpec, make_dataset  # noqa: E402
 
 
-def same_segmentations(ours: Path, reference: Path) -> list[str]:
+def same_segmentations(ours: Path, reference: Path, ending: str = ".nii.gz") -> list[str]:
     """The cases whose segmentation differs from nnU-Net's (voxels or geometry), or is missing."""
     import numpy as np
     import SimpleITK as sitk
 
     differ = []
-    for ref in sorted(reference.glob("*.nii.gz")):
+    references = sorted(reference.glob(f"*{ending}"))
+    if not references:
+        return [f"no {ending} segmentation in {reference}"]
+    for ref in references:
         mine = ours / ref.name
         if not mine.is_file():
             differ.append(ref.name)
@@ -54,16 +59,19 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--min-shape", type=int, nargs=3, default=(32, 64, 64))
     ap.add_argument("--max-shape", type=int, nargs=3, default=(40, 80, 80))
-    ap.add_argument("--configuration", default="3d_fullres")
+    ap.add_argument("--ndim", type=int, choices=(2, 3), default=3)
+    ap.add_argument("--file-ending", default=".nii.gz")
+    ap.add_argument("--configuration", help="default: 3d_fullres, or 2d with --ndim 2")
     ap.add_argument("--net", choices=("full", "small"), default="full")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-predict"))
     ap.add_argument("--report", type=Path, help="append the result section to this file")
     ap.add_argument("extra", nargs="*", help="options for both tools after --, e.g. -- -npp 2 -nps 2 --disable_tta")
     a = ap.parse_args()
+    a.configuration = a.configuration or ("2d" if a.ndim == 2 else "3d_fullres")
 
     spec = DemoSpec(dataset_id=970, name="PredBench", num_cases=a.cases, min_shape=tuple(a.min_shape),
-                    max_shape=tuple(a.max_shape), seed=11)
+                    max_shape=tuple(a.max_shape), ndim=a.ndim, file_ending=a.file_ending, seed=11)
     work = fresh(a.workdir)
     raw, pp, results = work / "raw", work / "preprocessed", work / "results"
     make_dataset(spec, raw)
@@ -88,7 +96,7 @@ def main() -> int:
         me = run_measured([sys.executable, "-m", "nnresume", "predict", *common, "-o", str(ours), "--no-pbar"], env)
         assert me.returncode == 0, me.stderr_tail
         print(f"  nnresume predict: {me.wall_s:.1f} s wall, {me.cpu_s:.1f} s CPU", flush=True)
-        differ = same_segmentations(ours, ref)
+        differ = same_segmentations(ours, ref, a.file_ending)
         noop = run_measured([sys.executable, "-m", "nnresume", "predict", *common, "-o", str(ours), "--no-pbar"], env)
         assert noop.returncode == 0, noop.stderr_tail
         print(f"  no-op rerun: {noop.wall_s:.2f} s; segmentations differing: {len(differ)}", flush=True)
@@ -100,11 +108,13 @@ def main() -> int:
     vm = psutil.virtual_memory()
     cmd = " ".join(shlex.quote(x) for x in [sys.argv[0], *sys.argv[1:]])
     lines = [
-        f"### nnresume predict against nnUNetv2_predict: {a.cases} generated 3D cases, {a.configuration}, "
+        f"### nnresume predict against nnUNetv2_predict: {a.cases} generated {a.ndim}D cases "
+        f"({a.file_ending}), {a.configuration}, "
         f"{a.net} network, CPU",
         "",
         f"- command: `python {cmd}`",
-        f"- cases: shapes {tuple(a.min_shape)}-{tuple(a.max_shape)} (z, y, x), one channel; model: an initialised "
+        f"- cases: shapes {tuple(a.min_shape)}-{tuple(a.max_shape)} (z, y, x; z = 1 for 2D), one channel; model: an "
+        "initialised "
         f"nnUNetTrainer checkpoint for nnU-Net's plans (fold 0); options for both: `{' '.join(common[2:])}`",
         f"- machine: {psutil.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
         f"{vm.total / 2**30:.0f} GiB RAM, Python {platform.python_version()}",
