@@ -226,15 +226,38 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def config_hash(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any], version: str) -> str:
-    """What a configuration's outputs depend on besides the case's input files.
+# nnU-Net's normalisations that read nothing of the dataset's foreground intensity statistics: DefaultPreprocessor
+# hands each channel's statistics to its normaliser, and of nnU-Net's own only CTNormalization uses them (a
+# normalisation nnU-Net does not ship may, so its channel's statistics are kept in the hash).
+STATISTICS_FREE_NORMALIZATIONS = frozenset({"ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization",
+                                            "RGBTo01Normalization"})
+_STATISTICS_KEYS = ("foreground_intensity_properties_per_channel", "foreground_intensity_properties_by_modality")
 
-    The configuration's resolved dict, the plans identifier, the preprocessor class, nnunetv2's version, the labels of
-    dataset.json, and the plan-level fields the preprocessor reads (transpose, reader/writer, label manager, and the
-    foreground intensity statistics that CT normalisation uses).
-    """
+
+def _statistics_read(plans: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """The foreground intensity statistics a configuration's preprocessing reads: every channel's with a
+    preprocessor other than nnU-Net's DefaultPreprocessor, else those of the channels whose normalisation reads
+    them. They change whenever a case is added (nnU-Net samples every case anew); a z-scored channel's outputs do
+    not."""
+    schemes = resolved.get("normalization_schemes") or []
+    default = resolved.get("preprocessor_name", "DefaultPreprocessor") == "DefaultPreprocessor"
+
+    def read(channel: str) -> bool:
+        if not default or not channel.isdigit() or int(channel) >= len(schemes):
+            return True
+        return schemes[int(channel)] not in STATISTICS_FREE_NORMALIZATIONS
+
+    out: dict[str, Any] = {}
+    for key in _STATISTICS_KEYS:
+        stats = plans.get(key)
+        out[key] = ({c: v for c, v in stats.items() if read(str(c))} if isinstance(stats, dict) else stats)
+    return out
+
+
+def _config_payload(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any], version: str,
+                    plan_keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
     resolved = resolve_configuration(plans, configuration)
-    return _digest({
+    return resolved, {
         "format": OUTPUT_FORMAT_VERSION,
         "configuration": resolved,
         "plans_identifier": plans.get("plans_name"),
@@ -242,10 +265,30 @@ def config_hash(plans: dict[str, Any], configuration: str, dataset_json: dict[st
         "nnunetv2": version,
         "labels": dataset_json.get("labels"),
         "regions_class_order": dataset_json.get("regions_class_order"),
-        "plans": {k: plans.get(k) for k in ("transpose_forward", "image_reader_writer", "label_manager",
-                                             "foreground_intensity_properties_per_channel",
-                                             "foreground_intensity_properties_by_modality")},
-    })
+        "plans": {k: plans.get(k) for k in plan_keys},
+    }
+
+
+def config_hash(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any], version: str) -> str:
+    """What a configuration's outputs depend on besides the case's input files.
+
+    The configuration's resolved dict, the plans identifier, the preprocessor class, nnunetv2's version, the labels of
+    dataset.json, and the plan-level fields the preprocessor reads (transpose, reader/writer, label manager, and the
+    foreground intensity statistics of the channels whose normalisation reads them: `_statistics_read`).
+    """
+    resolved, payload = _config_payload(plans, configuration, dataset_json, version,
+                                        ("transpose_forward", "image_reader_writer", "label_manager"))
+    return _digest({**payload, "statistics": _statistics_read(plans, resolved)})
+
+
+def earlier_config_hash(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
+                        version: str) -> str:
+    """The hash outputs were keyed on before `config_hash` left out the statistics no normalisation reads: every
+    channel's were in it. An output keyed on it is as valid as one keyed on `config_hash` while it matches the
+    current plans (it is the stricter of the two); a run rewrites such rows to the current hash."""
+    _, payload = _config_payload(plans, configuration, dataset_json, version,
+                                 ("transpose_forward", "image_reader_writer", "label_manager", *_STATISTICS_KEYS))
+    return _digest(payload)
 
 
 def gt_hash(dataset_json: dict[str, Any]) -> str:

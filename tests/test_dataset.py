@@ -92,6 +92,25 @@ def test_config_hash_depends_on_what_changes_outputs() -> None:
     assert dataset.config_hash(p, "3d_fullres", dj, "2.8.1") == base
 
 
+def test_config_hash_leaves_out_statistics_no_normalisation_reads() -> None:
+    dj = {"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}
+
+    def hashes(schemes: list[str], preprocessor: str = "DefaultPreprocessor", mean: float = 1.0) -> tuple[str, str]:
+        p = _plans()
+        p["configurations"]["3d_fullres"].update(normalization_schemes=schemes, preprocessor_name=preprocessor)
+        p["foreground_intensity_properties_per_channel"]["0"]["mean"] = mean
+        return (dataset.config_hash(p, "3d_fullres", dj, "2.8.1"),
+                dataset.earlier_config_hash(p, "3d_fullres", dj, "2.8.1"))
+
+    z, z_earlier = hashes(["ZScoreNormalization"])
+    assert hashes(["ZScoreNormalization"], mean=2.0)[0] == z  # the new sample's mean is read by nothing
+    assert hashes(["ZScoreNormalization"], mean=2.0)[1] != z_earlier  # the earlier hash had every statistic
+    assert hashes(["CTNormalization"], mean=2.0)[0] != hashes(["CTNormalization"])[0]
+    assert hashes(["MyNormalization"], mean=2.0)[0] != hashes(["MyNormalization"])[0]
+    custom = hashes(["ZScoreNormalization"], "MyPreprocessor")[0]
+    assert hashes(["ZScoreNormalization"], "MyPreprocessor", 2.0)[0] != custom
+
+
 def test_circular_inheritance_is_reported() -> None:
     p = _plans()
     p["configurations"]["3d_fullres"]["inherits_from"] = "3d_cascade_fullres"

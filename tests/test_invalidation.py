@@ -130,3 +130,41 @@ def test_removed_case_loses_its_outputs(setup) -> None:
     run_nnunet(raw, reference, SMALL.dataset_id, [])
     assert compare_folders(pp / SMALL.folder_name, reference / SMALL.folder_name, FOLDERS,
                            ["nnUNetPlans.json"]) == []
+
+
+def test_added_case_keeps_the_outputs_of_z_scored_channels(tmp_path: Path) -> None:
+    """Adding a case changes the dataset's foreground intensity statistics (nnU-Net samples every case anew), which
+    only CT normalisation reads: with z-scored channels and unchanged configurations the other cases' outputs are
+    kept, and the result is nnU-Net's on the grown dataset."""
+    from nnresume.synthetic import DemoSpec, make_dataset
+
+    spec = DemoSpec(dataset_id=931, name="ZScored", num_cases=4, channels=("T2",), min_shape=(10, 24, 24),
+                    max_shape=(10, 24, 24), seed=5)
+    raw, pp = tmp_path / "raw", tmp_path / "pp"
+    make_dataset(spec, raw)
+    for path in (raw / spec.folder_name).glob("*Tr/*.nii.gz"):  # one shape and one spacing: the plans stay
+        image = sitk.ReadImage(str(path))
+        image.SetSpacing((0.8, 0.8, 2.0))
+        sitk.WriteImage(image, str(path), useCompression=True)
+    args = ("preprocess", "-d", str(spec.dataset_id), "-np", "2", "--no-pbar")
+    run_nnresume(raw, pp, *args)
+    ds, out = raw / spec.folder_name, pp / spec.folder_name
+    plans_before = json.loads((out / "nnUNetPlans.json").read_text())
+    shutil.copy(ds / "imagesTr" / "zscored_0001_0000.nii.gz", ds / "imagesTr" / "zscored_0004_0000.nii.gz")
+    shutil.copy(ds / "labelsTr" / "zscored_0001.nii.gz", ds / "labelsTr" / "zscored_0004.nii.gz")
+    dj = json.loads((ds / "dataset.json").read_text())
+    dj["numTraining"] = spec.num_cases + 1
+    (ds / "dataset.json").write_text(json.dumps(dj, indent=4))
+    run_nnresume(raw, pp, *args)
+
+    plans_after = json.loads((out / "nnUNetPlans.json").read_text())
+    assert plans_after["configurations"] == plans_before["configurations"]
+    key = "foreground_intensity_properties_per_channel"
+    assert plans_after[key] != plans_before[key], "the statistics were expected to change with the case count"
+    ledger = out / "nnresume.sqlite"
+    redone = _redone(ledger, _last_run(ledger))
+    assert redone and {case for case, _ in redone} == {"zscored_0004"}
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith(("nnUNetPlans", "gt_")))
+    reference = tmp_path / "ref"
+    run_nnunet(raw, reference, spec.dataset_id, [])
+    assert compare_folders(out, reference / spec.folder_name, folders, ["nnUNetPlans.json"]) == []

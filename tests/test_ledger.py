@@ -152,3 +152,18 @@ def test_a_result_replacing_files_waits_for_the_commit_of_its_start(tmp_path: Pa
     ledger.end_group()
     states = {n: r.fingerprint.state for n, r in reader.load_cases().items() if r.fingerprint}
     assert states == {"a": TaskState.done, "b": TaskState.done, "c": TaskState.done}
+
+
+def test_outputs_keyed_on_the_earlier_hash_are_rekeyed(tmp_path: Path) -> None:
+    from nnresume.ledger.repository import ConfigurationRecord
+
+    ledger = Ledger.open(str(tmp_path / "l.sqlite"))
+    run = ledger.start_run("preprocess", {}, "host", 1, None, "2.x", "0.x", None)
+    ledger.ensure_outputs([("a", IDENTS[0], "2d"), ("b", IDENTS[0], "2d")])
+    ledger.output_done("a", IDENTS[0], "2d", run, "old", "d", [], 0.1, 1)
+    ledger.output_done("b", IDENTS[0], "2d", run, "other", "d", [], 0.1, 1)
+    conf = ConfigurationRecord(IDENTS[0], "2d", "P", "new", earlier_hash="old")
+    assert conf.keys() == ("new", "old")
+    assert ledger.rekey_outputs([conf]) == 1
+    hashes = {n: r.outputs[IDENTS[0]].config_hash for n, r in ledger.load_cases().items()}
+    assert hashes == {"a": "new", "b": "other"}

@@ -117,6 +117,12 @@ class ConfigurationRecord:
     configuration: str
     plans_identifier: str
     config_hash: str
+    # the hash outputs were keyed on before (dataset.earlier_config_hash), computed from the current plans; not stored
+    earlier_hash: Optional[str] = None
+
+    def keys(self) -> tuple[str, ...]:
+        """The config hashes an output may be keyed on to be up to date."""
+        return (self.config_hash,) if self.earlier_hash is None else (self.config_hash, self.earlier_hash)
 
 
 @dataclass
@@ -758,6 +764,19 @@ class Ledger:
                 s.add(Configuration(data_identifier=c.data_identifier, configuration=c.configuration,
                                     plans_identifier=c.plans_identifier, config_hash=c.config_hash,
                                     updated_at=time.time()))
+
+    def rekey_outputs(self, configurations: Iterable[ConfigurationRecord]) -> int:
+        """Outputs keyed on a configuration's earlier hash are keyed on its current one (both describe the same
+        outputs under the current plans). Returns how many rows changed."""
+        n = 0
+        with self._write() as s:
+            for c in configurations:
+                if c.earlier_hash is not None and c.earlier_hash != c.config_hash:
+                    result: Any = s.execute(update(Output).where(Output.data_identifier == c.data_identifier,
+                                                                 Output.config_hash == c.earlier_hash)
+                                            .values(config_hash=c.config_hash))
+                    n += result.rowcount
+        return n
 
     def configurations(self) -> list[ConfigurationRecord]:
         with self._session() as s:

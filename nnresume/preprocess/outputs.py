@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import close_matches
-from ..dataset import GT_IDENTIFIER, CaseFiles, DatasetLayout, config_hash, gt_hash, output_names, resolve_configuration
+from ..dataset import (
+    GT_IDENTIFIER,
+    CaseFiles,
+    DatasetLayout,
+    config_hash,
+    earlier_config_hash,
+    gt_hash,
+    output_names,
+    resolve_configuration,
+)
 from ..errors import UsageError
 from ..execution.memory import preprocess_units
 from ..execution.scheduler import QueueItem, Scheduler
@@ -71,7 +80,8 @@ def configurations_in_scope(ctx: RunContext, plans: dict[str, Any], dataset_json
             continue
         seen[ident] = name
         scope.append(ConfigurationRecord(ident, name, plans["plans_name"],
-                                         config_hash(plans, name, dataset_json, ctx.nnunetv2_version)))
+                                         config_hash(plans, name, dataset_json, ctx.nnunetv2_version),
+                                         earlier_config_hash(plans, name, dataset_json, ctx.nnunetv2_version)))
     scope.append(ConfigurationRecord(GT_IDENTIFIER, GT_IDENTIFIER, plans["plans_name"], gt_hash(dataset_json)))
     return scope
 
@@ -88,7 +98,7 @@ def output_reason(ctx: RunContext, out: Optional[OutputRecord], digest: Optional
         return {"running": "interrupted", "pending": "interrupted"}.get(out.state.value, f"{out.state.value} before")
     if out.input_digest != digest:
         return "input changed"
-    if out.config_hash != conf.config_hash:
+    if out.config_hash not in conf.keys():
         return "configuration changed"
     prefix = os.path.join(folder or str(ctx.layout.data_folder(conf.data_identifier)), "")
     for f in out.files or []:
@@ -127,7 +137,7 @@ def plan_outputs(ctx: RunContext, cases: dict[str, CaseFiles], records: dict[str
         for conf in scope:
             out = rec.outputs.get(conf.data_identifier)
             if (out is not None and out.state == TaskState.quarantined and not ctx.settings.retry_quarantined
-                    and out.input_digest == rec.input_digest and out.config_hash == conf.config_hash):
+                    and out.input_digest == rec.input_digest and out.config_hash in conf.keys()):
                 plan.skipped_quarantined.append((name, conf.data_identifier))
                 continue
             reason = output_reason(ctx, out, rec.input_digest, conf, folders[conf.data_identifier])

@@ -158,6 +158,9 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
     plans_path, plans = _plan(ctx, fingerprint_sha, dataset_json, cases)
     scope = outputs.configurations_in_scope(ctx, plans, dataset_json)
     ledger.set_configurations(scope)
+    rekeyed = ledger.rekey_outputs(scope)
+    if rekeyed:
+        log.info("%d output(s) keyed on the configurations' current hash (the same outputs)", rekeyed)
     pplan = outputs.plan_outputs(ctx, cases, records, plans, scope)
     if ctx.read_cache:  # copies of cases whose outputs are up to date (a rerun that redid every fingerprint)
         ctx.read_cache.keep_only({w.case for w in pplan.work})
