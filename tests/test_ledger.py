@@ -167,3 +167,17 @@ def test_outputs_keyed_on_the_earlier_hash_are_rekeyed(tmp_path: Path) -> None:
     assert ledger.rekey_outputs([conf]) == 1
     hashes = {n: r.outputs[IDENTS[0]].config_hash for n, r in ledger.load_cases().items()}
     assert hashes == {"a": "new", "b": "other"}
+
+
+def test_group_window_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nnresume.errors import UsageError
+    from nnresume.preprocess.context import GROUP_WINDOW, WINDOW_ENV, group_window
+
+    monkeypatch.delenv(WINDOW_ENV, raising=False)
+    assert group_window() == GROUP_WINDOW
+    monkeypatch.setenv(WINDOW_ENV, "0")
+    assert group_window() == 0.0
+    for bad in ("-1", "soon", "61"):
+        monkeypatch.setenv(WINDOW_ENV, bad)
+        with pytest.raises(UsageError, match=WINDOW_ENV):
+            group_window()

@@ -152,10 +152,12 @@ def test_predictions_identical_to_nnunet(model: Model, tmp_path: Path) -> None:
 def test_kill_resume_and_reruns(model: Model, tmp_path: Path) -> None:
     inputs, out = copy_inputs(model, tmp_path / "in"), tmp_path / "out"
     ledger = out / "nnresume.sqlite"
-    # SIGKILL when the second group of finished cases is durable, before its commit: after the first case the
-    # others take ~0.15 s each, so a kill from here after seeing the first done row sometimes came too late
+    # SIGKILL when the second group of finished cases is durable, before its commit, each result committed on its
+    # own (a group window of 0): cases take ~0.15 s, so with the default window all three may share one group, and a
+    # kill from here after seeing the first done row sometimes came too late
     proc = start_nnresume(model.raw, model.preprocessed, "predict", "-i", str(inputs), "-o", str(out), *ARGS,
-                          "--no-pbar", "-npp", "1", NNRESUME_CRASH_AT="group_files_synced:2")
+                          "--no-pbar", "-npp", "1", NNRESUME_CRASH_AT="group_files_synced:2",
+                          NNRESUME_GROUP_WINDOW="0")
     proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read() if proc.stdout else ""
     kill_group(proc, signal.SIGKILL)  # its workers

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from ..config import PreprocessSettings
 from ..dataset import DatasetLayout
+from ..errors import UsageError
 from ..execution.memory import Estimator, Thresholds
 from ..execution.pools.base import Pool
 from ..execution.runner import Runner, StopFlag
@@ -23,6 +24,22 @@ from .readcache import ReadCache
 log = logging.getLogger(__name__)
 
 GROUP_WINDOW = 0.25  # seconds a finished task may wait for others before its ledger commit
+WINDOW_ENV = "NNRESUME_GROUP_WINDOW"  # another window in seconds (0: each result is committed on its own)
+
+
+def group_window() -> float:
+    """`GROUP_WINDOW`, or the window `NNRESUME_GROUP_WINDOW` gives (crash tests that need a commit per result)."""
+    value = os.environ.get(WINDOW_ENV)
+    if not value:
+        return GROUP_WINDOW
+    try:
+        window = float(value)
+    except ValueError:
+        window = -1.0
+    if not 0 <= window <= 60:
+        raise UsageError(f"{WINDOW_ENV}={value!r}: expected a number of seconds between 0 and 60",
+                         hint=f"unset it for the default, {GROUP_WINDOW} s")
+    return window
 
 
 class GroupCommit:
@@ -42,8 +59,8 @@ class GroupCommit:
     fingerprint stage 2.2 times as long as a cold run's.
     """
 
-    def __init__(self, ledger: Ledger, window: float = GROUP_WINDOW) -> None:
-        self.ledger, self.window = ledger, window
+    def __init__(self, ledger: Ledger, window: Optional[float] = None) -> None:
+        self.ledger, self.window = ledger, group_window() if window is None else window
         self.dirs: set[Path] = set()
         self.files: list[str] = []
         self.known_dirs: set[str] = set()  # folders this stage made sure exist
