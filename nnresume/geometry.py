@@ -24,9 +24,20 @@ NATURAL_2D = "NaturalImage2DIO"
 TIFF_3D = "Tiff3DIO"
 NATURAL_ENDINGS = (".png", ".bmp", ".tif")
 TIFF_ENDINGS = (".tif", ".tiff")
-# PIL modes as skimage.io.imread returns them: values per pixel (palette images come back as RGB)
-_PIL_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1, "LA": 2, "RGB": 3, "P": 3,
+# PIL modes as skimage.io.imread returns them: values per pixel (a palette image comes back in its palette's mode,
+# `_pil_channels`)
+_PIL_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1, "LA": 2, "PA": 2, "RGB": 3,
                  "RGBA": 4, "CMYK": 4, "YCbCr": 3}
+
+
+def _pil_channels(im: Any) -> Optional[int]:
+    """Values per pixel skimage.io.imread returns for an open PIL image: imageio's pillow plugin converts a palette
+    image to its palette's mode (RGB, or RGBA), whatever transparency the file declares."""
+    mode = im.mode
+    if mode == "P":
+        palette = getattr(im, "palette", None)
+        mode = getattr(palette, "mode", None) or "RGB"
+    return _PIL_CHANNELS.get(mode)
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,7 @@ def read_header(path: str) -> Optional[dict[str, Any]]:
             from PIL import Image
 
             with Image.open(path) as im:
-                components = _PIL_CHANNELS.get(im.mode)
+                components = _pil_channels(im)
                 if components is not None:
                     return {"shape": [im.height, im.width], "spacing": [1.0, 1.0], "components": components,
                             "direction": [1.0, 0.0, 0.0, 1.0]}
@@ -95,12 +106,9 @@ def natural_image_channels(path: str) -> Optional[int]:
         from PIL import Image
 
         with Image.open(path) as im:
-            mode = im.mode
-            if mode == "P" and "transparency" in im.info:
-                return 4
+            return _pil_channels(im)
     except Exception:
         return None
-    return _PIL_CHANNELS.get(mode)
 
 
 def _tiff_spacing(path: str, role: str) -> tuple[float, float, float]:

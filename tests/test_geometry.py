@@ -36,3 +36,35 @@ def test_reader_geometry_rules_match_the_readers(tmp_path: Path) -> None:
         label = geometry(read_header(files.label), reader.__name__, files.label, "label")
         assert label is not None and label.shape == seg.shape[1:] and np.allclose(label.spacing, seg_props["spacing"])
     shutil.rmtree(tmp_path)
+
+
+def test_png_channels_of_every_pil_mode_as_nnunets_reader_counts_them(tmp_path: Path) -> None:
+    """Grey, 1-bit, 16-bit, RGB, RGBA, and palette images with and without a transparent entry
+    (VOC-style label maps are palette PNGs): the header rule gives the channels NaturalImage2DIO returns. (Grey
+    with alpha it refuses: two values per pixel are neither grey nor RGB(A).)"""
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+    from PIL import Image
+
+    from nnresume.geometry import NATURAL_2D, geometry, natural_image_channels, read_header
+
+    a = np.random.default_rng(0).integers(0, 255, (20, 30), dtype=np.uint8)
+    palette = Image.new("P", (30, 20))
+    palette.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0])
+    palette.putdata(list((a % 4).flatten()))
+    images = {
+        "grey": (Image.fromarray(a), {}),
+        "bits": (Image.fromarray(a > 128), {}),
+        "grey16": (Image.fromarray(a.astype(np.uint16) * 200), {}),
+        "rgb": (Image.fromarray(np.stack([a] * 3, -1)), {}),
+        "rgba": (Image.fromarray(np.stack([a] * 4, -1)), {}),
+        "palette": (palette, {}),
+        "palette-transparent": (palette, {"transparency": 0}),
+        "palette-of-grey": (Image.fromarray(a % 4).convert("P"), {}),
+    }
+    for name, (image, options) in images.items():
+        path = str(tmp_path / f"{name}.png")
+        image.save(path, **options)
+        data, _ = NaturalImage2DIO().read_images([path])
+        assert natural_image_channels(path) == data.shape[0], name
+        geo = geometry(read_header(path), NATURAL_2D, path)
+        assert geo is not None and geo.channels == data.shape[0] and geo.shape == data.shape[1:], name
