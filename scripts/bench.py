@@ -25,13 +25,18 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import fresh, interpreter_startup, nnunet_command, run_measured  # noqa: E402
 
 from nnresume.compare import compare_folders  # noqa: E402
-from nnresume.synthetic import DemoSpec, make_dataset  # noqa: E402
+from nnresume.synthetic import DemoSpec, case_name, make_dataset, write_dataset_json  # noqa: E402
+
+# photographs scikit-image (a dependency of nnunetv2) installs with itself: histology, retina, cells, coins, scenes
+PHOTOGRAPHS = ("ihc.png", "retina.jpg", "cell.png", "coins.png", "astronaut.png", "coffee.png", "chelsea.png",
+               "microaneurysms.png", "moon.png", "camera.png", "brick.png", "gravel.png")
 
 
 def _env(raw: Path, pp: Path) -> dict[str, str]:
@@ -55,6 +60,38 @@ def parallel_efficiency(db: Path, run_id: int, wall: float, workers: int) -> flo
     busy = _q(db, "select coalesce(sum(ended_at - started_at), 0) from attempts where run_id=? and stage in "
                   "('fingerprint', 'preprocess')", (run_id,))[0][0]
     return busy / (wall * workers)
+
+
+def make_photograph_dataset(spec: DemoSpec, raw: Path) -> Path:
+    """2D PNG cases cut from real photographs instead of drawn shapes: tiles of the shapes' (y, x) size range at
+    random places, RGB (`colour=3`) or grey, each with a 3-class label from the tile's own intensity tertiles. Real
+    texture and noise decode and compress unlike the smooth synthetic images."""
+    import skimage
+    from PIL import Image
+
+    folder = raw / spec.folder_name
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    data = Path(skimage.__file__).parent / "data"
+    mode = "RGB" if spec.colour == 3 else "L"
+    sources = [numpy.asarray(Image.open(data / name).convert(mode)) for name in PHOTOGRAPHS]
+    rng = numpy.random.default_rng(spec.seed)
+    for i in range(spec.num_cases):
+        src = sources[i % len(sources)]
+        h, w = (int(rng.integers(lo, hi + 1)) for lo, hi in zip(spec.min_shape[1:], spec.max_shape[1:]))
+        h, w = min(h, src.shape[0]), min(w, src.shape[1])
+        y, x = int(rng.integers(0, src.shape[0] - h + 1)), int(rng.integers(0, src.shape[1] - w + 1))
+        tile = numpy.ascontiguousarray(src[y:y + h, x:x + w])
+        grey = tile.mean(axis=-1) if tile.ndim == 3 else tile
+        label = numpy.digitize(grey, numpy.quantile(grey, [1 / 3, 2 / 3])).astype(numpy.uint8)
+        name = case_name(spec, i)
+        Image.fromarray(tile).save(folder / "imagesTr" / f"{name}_0000.png")
+        Image.fromarray(label).save(folder / "labelsTr" / f"{name}.png")
+    write_dataset_json(spec, folder)
+    content = json.loads((folder / "dataset.json").read_text())
+    content["description"] = "Tiles of the photographs scikit-image installs, labelled by intensity tertiles."
+    (folder / "dataset.json").write_text(json.dumps(content, indent=4))
+    return folder
 
 
 def kill_at_half(raw: Path, pp: Path, spec: DemoSpec, args: list[str]) -> dict[str, Any]:
@@ -170,13 +207,15 @@ def machine() -> str:
             f"Python {platform.python_version()}, nnunetv2 {version('nnunetv2')}, torch {version('torch')}")
 
 
-def markdown(name: str, command: str, spec: DemoSpec, extra: list[str], s: dict[str, Any]) -> str:
+def markdown(name: str, command: str, spec: DemoSpec, extra: list[str], s: dict[str, Any],
+             photographs: bool = False) -> str:
     gb = 2**30
     return "\n".join([
         f"### {name}",
         "",
         f"- command: `{command}`",
-        f"- dataset: {spec.num_cases} synthetic {spec.ndim}D `{spec.file_ending}` cases, shapes "
+        f"- dataset: {spec.num_cases} {'tiles of photographs, as' if photographs else 'synthetic'} {spec.ndim}D "
+        f"`{spec.file_ending}` cases, shapes "
         f"{spec.min_shape[3 - spec.ndim:]}–{spec.max_shape[3 - spec.ndim:]}, channels {list(spec.channel_names)}, "
         f"{'mixed spacings' if spec.ndim == 3 else 'no spacing'}; arguments for both tools: "
         f"`{' '.join(extra) or '(defaults)'}`",
@@ -226,6 +265,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ndim", type=int, choices=(2, 3), default=3, help="2: one 2D image per case (the shapes' y, x)")
     ap.add_argument("--file-ending", default=".nii.gz", help="e.g. .png for natural 2D images")
     ap.add_argument("--colour", type=int, choices=(1, 3, 4), default=1, help="3: RGB in one file per case")
+    ap.add_argument("--photographs", action="store_true",
+                    help="2D PNG cases cut from the photographs scikit-image installs (with --ndim 2 --file-ending "
+                         ".png; --colour 3 for RGB, else grey)")
     ap.add_argument("--np", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--args", default="", help="extra arguments for both tools, e.g. '-gpu_memory_target 0.3'")
@@ -237,10 +279,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     spec = DemoSpec(dataset_id=980, name="Bench", num_cases=a.cases, channels=tuple(a.channels),
                     min_shape=tuple(a.min_shape), max_shape=tuple(a.max_shape), seed=3, ndim=a.ndim,
                     file_ending=a.file_ending, colour=a.colour)
+    if a.photographs and (a.ndim != 2 or a.file_ending != ".png" or a.colour not in (1, 3)):
+        ap.error("--photographs makes 2D PNG cases: give --ndim 2 --file-ending .png (and --colour 3 for RGB)")
     raw = a.workdir / "raw"
     if not (raw / spec.folder_name / "dataset.json").exists():
         print(f"generating {spec.num_cases} cases")
-        make_dataset(spec, raw)
+        (make_photograph_dataset if a.photographs else make_dataset)(spec, raw)
     extra = shlex.split(a.args)
     runs = []
     for i in range(a.repeats):
@@ -249,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     s = summarise(runs, interpreter_startup())
     args = argv if argv is not None else sys.argv[1:]
     command = "python scripts/bench.py " + " ".join(shlex.quote(x) for x in args)
-    text = markdown(a.name, command, spec, extra, s)
+    text = markdown(a.name, command, spec, extra, s, a.photographs)
     print(text)
     if a.report:
         write_section(a.report, a.name, text)
