@@ -25,7 +25,7 @@ class CaseWarning:
     """Something nnU-Net accepts but alters or ignores without a word (NaN read as 0, image and label not aligned, a
     label with only background). The case is preprocessed as nnU-Net would; the warning is kept in the ledger."""
 
-    kind: str  # non_finite_in_file, geometry, background_only, channel_numbering, channels_geometry
+    kind: str  # non_finite_in_file, geometry, background_only, label_channels, channel_numbering, channels_geometry
     path: str
     message: str  # one line, naming the case and the file
 

@@ -211,3 +211,47 @@ def test_what_nnunet_alters_silently_is_preprocessed_as_nnunet_does_and_warned(r
     assert set(failed) == set(expected)
     assert all(f["stage"] == "fingerprint" and f["reason"].startswith("--strict:") for f in failed.values())
     assert status["stages"]["nnUNetPlans_3d_fullres"]["counts"]["done"] == SMALL.num_cases - 3
+
+
+def test_a_colour_label_is_preprocessed_as_nnunet_does_and_warned(tmp_path: Path) -> None:
+    """A label PNG saved in RGB (the class numbers in each colour channel): nnU-Net's reader returns three values
+    per pixel and nnU-Net writes a three-channel segmentation without a word, which its training later refuses
+    (its cross-entropy asserts one channel). nnresume writes the same files and warns for exactly those cases."""
+    from PIL import Image
+
+    from nnresume.compare import compare_folders
+    from nnresume.synthetic import DemoSpec, make_dataset
+
+    from .conftest import run_nnunet
+
+    spec = DemoSpec(dataset_id=921, name="ColourLabel", num_cases=6, min_shape=(1, 48, 48), max_shape=(1, 64, 64),
+                    ndim=2, file_ending=".png", seed=4)
+    ds = make_dataset(spec, tmp_path / "raw")
+    coloured = {"colourlabel_0001", "colourlabel_0004"}
+    for name in coloured:
+        path = ds / "labelsTr" / f"{name}.png"
+        grey = np.asarray(Image.open(path))
+        Image.fromarray(np.stack([grey] * 3, axis=-1)).save(path)
+
+    run_nnunet(tmp_path / "raw", tmp_path / "ref", spec.dataset_id, [])
+    pp = tmp_path / "pp"
+    r = run_nnresume(tmp_path / "raw", pp, "preprocess", "-d", str(spec.dataset_id), "-np", "2", "--no-pbar")
+    reference = tmp_path / "ref" / spec.folder_name
+    folders = sorted(p.name for p in reference.iterdir() if p.is_dir())
+    assert compare_folders(pp / spec.folder_name, reference, folders, ["nnUNetPlans.json"]) == []
+    import blosc2
+    seg = blosc2.open(str(pp / spec.folder_name / "nnUNetPlans_2d" / "colourlabel_0001_seg.b2nd"))
+    assert seg.shape[0] == 3  # what nnU-Net wrote too (compared above): the colour channels kept
+
+    status = json.loads(run_nnresume(tmp_path / "raw", pp, "status", "-d", str(spec.dataset_id), "--json").stdout)
+    warned = {w["case"]: w for w in status["warnings"]}
+    assert set(warned) == coloured, r.stderr
+    assert all(w["kind"] == "label_channels" and "3 values per pixel" in w["message"] for w in warned.values())
+    # from the header alone, and with every case read (once each: the header's warning does not keep a case from
+    # being read, and is not repeated)
+    for full in ([], ["--full"]):
+        check = json.loads(run_nnresume(tmp_path / "raw", pp, "check", "-d", str(spec.dataset_id), *full,
+                                        "--json").stdout)
+        found = check["datasets"][0]["findings"]
+        assert sorted(f["case"] for f in found) == sorted(coloured), (full, found)
+        assert all(f["level"] == "warning" and "3 values per pixel" in f["message"] for f in found), found

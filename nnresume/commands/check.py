@@ -4,7 +4,8 @@ Default: fast checks from files and headers, counted as nnU-Net's reader will co
 unreadable files, channels against dataset.json, truncated `.nii.gz`, image channels and label disagreeing on shape
 or spacing), labels without images, numTraining. With `full`: also every gzip stream's CRC, and every case read
 through nnU-Net's reader in a worker process, as the fingerprint stage reads it (what fails a case there is an
-error here; NaN read as 0, labels not aligned or with only background are warnings). With several datasets:
+error here; NaN read as 0, labels not aligned, with only background or with several values per pixel are
+warnings). With several datasets:
 whether they agree on channel names and count, as multi-task and continual training need. On a preprocessed
 dataset: whether the plans' normalisation schemes match the channel count, and whether every output the ledger
 vouches for is present.
@@ -115,6 +116,8 @@ def _header_checks(case: str, files: CaseFiles, dataset_json: dict[str, Any]) ->
         out.append(Finding("error", f"case {case} ({files.label}): label spacing "
                                     f"{tuple(round(s, 6) for s in lab.spacing)} differs from image spacing "
                                     f"{tuple(round(s, 6) for s in first.spacing)}", case))
+    if lab.channels > 1:
+        out.append(Finding("warning", validate.label_channels(case, files.label, lab.channels), case))
     if "dataset" not in dataset_json:
         numbering = validate.channel_numbering(list(files.images), dataset_json["file_ending"])
         if numbering:
@@ -217,8 +220,9 @@ def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: boo
                    disable=not (progress and sys.stderr.isatty()))
         for case, found in zip(cases, bar):
             per_case[case] = found
-    if full and pool is not None:
-        clean = {n: f for n, f in cases.items() if not per_case[n]}  # a header error says enough about a case
+    # a header error says enough about a case; one with warnings only is read like the others
+    clean = {n: f for n, f in cases.items() if not any(x.level == "error" for x in per_case[n])}
+    if full and pool is not None and clean:
         dataset_level, pixels = inspect_in_workers(clean, dataset_json, pool, workers, progress)
         result.findings += dataset_level
         for case, found in pixels.items():

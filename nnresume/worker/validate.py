@@ -213,6 +213,13 @@ def check_label(case: str, images: Sequence[str], label: str, data_shape: tuple,
                                   f"(declared: {list(allowed)})", label, hint)
 
 
+def label_channels(case: str, label: str, channels: int) -> str:
+    """A label the reader returns with several values per pixel: nnU-Net preprocesses it without a word."""
+    return (f"case {case} ({label}): the reader returns {channels} values per pixel for this label (a colour or "
+            f"palette image); nnU-Net keeps all {channels} as channels of its preprocessed segmentation, where "
+            "training expects one: save the label as a grey image holding the class numbers")
+
+
 def geometry_warnings(case: str, image: str, label: str, image_props: dict[str, Any],
                       seg_props: dict[str, Any]) -> list[CaseWarning]:
     """Origin, direction or affine of image and label that differ beyond `np.allclose`: nnU-Net's integrity check
@@ -332,6 +339,9 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
                 if not state.get("seg_checked"):
                     state["seg_checked"] = True
                     state["warnings"] += geometry_warnings(case, images[0], seg_fname, state["image_props"], props)
+                    if seg.ndim and seg.shape[0] > 1:
+                        state["warnings"].append(CaseWarning("label_channels", seg_fname,
+                                                             label_channels(case, seg_fname, seg.shape[0])))
                     if seg.size and not np.any(seg > 0):
                         state["warnings"].append(CaseWarning(
                             "background_only", seg_fname, f"case {case} ({seg_fname}): label has only background; "
