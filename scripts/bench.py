@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import fresh, interpreter_startup, nnunet_command, run_measured  # noqa: E402
 
 from nnresume.compare import compare_folders  # noqa: E402
-from nnresume.synthetic import DemoSpec, case_name, make_dataset, write_dataset_json  # noqa: E402
+from nnresume.synthetic import DemoSpec, case_name, dataset_json, make_dataset  # noqa: E402
 
 # photographs scikit-image (a dependency of nnunetv2) installs with itself: histology, retina, cells, coins, scenes
 PHOTOGRAPHS = ("ihc.png", "retina.jpg", "cell.png", "coins.png", "astronaut.png", "coffee.png", "chelsea.png",
@@ -87,8 +87,7 @@ def make_photograph_dataset(spec: DemoSpec, raw: Path) -> Path:
         name = case_name(spec, i)
         Image.fromarray(tile).save(folder / "imagesTr" / f"{name}_0000.png")
         Image.fromarray(label).save(folder / "labelsTr" / f"{name}.png")
-    write_dataset_json(spec, folder)
-    content = json.loads((folder / "dataset.json").read_text())
+    content = dataset_json(spec, folder)
     content["description"] = "Tiles of the photographs scikit-image installs, labelled by intensity tertiles."
     (folder / "dataset.json").write_text(json.dumps(content, indent=4))
     return folder

@@ -217,6 +217,7 @@ def test_a_colour_label_is_preprocessed_as_nnunet_does_and_warned(tmp_path: Path
     """A label PNG saved in RGB (the class numbers in each colour channel): nnU-Net's reader returns three values
     per pixel and nnU-Net writes a three-channel segmentation without a word, which its training later refuses
     (its cross-entropy asserts one channel). nnresume writes the same files and warns for exactly those cases."""
+    import blosc2
     from PIL import Image
 
     from nnresume.compare import compare_folders
@@ -239,7 +240,6 @@ def test_a_colour_label_is_preprocessed_as_nnunet_does_and_warned(tmp_path: Path
     reference = tmp_path / "ref" / spec.folder_name
     folders = sorted(p.name for p in reference.iterdir() if p.is_dir())
     assert compare_folders(pp / spec.folder_name, reference, folders, ["nnUNetPlans.json"]) == []
-    import blosc2
     seg = blosc2.open(str(pp / spec.folder_name / "nnUNetPlans_2d" / "colourlabel_0001_seg.b2nd"))
     assert seg.shape[0] == 3  # what nnU-Net wrote too (compared above): the colour channels kept
 

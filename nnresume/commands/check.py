@@ -221,8 +221,8 @@ def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: boo
         for case, found in zip(cases, bar):
             per_case[case] = found
     # a header error says enough about a case; one with warnings only is read like the others
-    clean = {n: f for n, f in cases.items() if not any(x.level == "error" for x in per_case[n])}
-    if full and pool is not None and clean:
+    clean = {n: f for n, f in cases.items() if not any(x.level == "error" for x in per_case[n])} if full else {}
+    if pool is not None and clean:
         dataset_level, pixels = inspect_in_workers(clean, dataset_json, pool, workers, progress)
         result.findings += dataset_level
         for case, found in pixels.items():

@@ -339,7 +339,7 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
                 if not state.get("seg_checked"):
                     state["seg_checked"] = True
                     state["warnings"] += geometry_warnings(case, images[0], seg_fname, state["image_props"], props)
-                    if seg.ndim and seg.shape[0] > 1:
+                    if seg.shape[0] > 1:  # readers return (c, x, y, z)
                         state["warnings"].append(CaseWarning("label_channels", seg_fname,
                                                              label_channels(case, seg_fname, seg.shape[0])))
                     if seg.size and not np.any(seg > 0):
