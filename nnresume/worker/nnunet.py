@@ -37,6 +37,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from ..errors import DatasetError, UsageError
 from ..io import atomic
+from .percentiles import percentile
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def analyze_case(extractor: str, images: list[str], label: str, reader: str, num
 
 def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load: Callable[[int], tuple],
                           num_cases: int, dataset_json: dict[str, Any],
-                          jobs_within: Optional[Callable[[int], int]] = None) -> dict:
+                          memory_left: Optional[Callable[[], int]] = None) -> dict:
     """`DatasetFingerprintExtractor.run`'s aggregation (nnunetv2 2.8.1) over per-case results in nnU-Net's order.
 
     nnU-Net holds every case's samples, then their concatenation, then `np.array` of it: three copies of 10e7
@@ -210,7 +211,8 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
     (NumPy's promotion, e.g. to float64 when a case without foreground contributed `[]`), same values, same layout.
     The statistics below are nnU-Net's lines, unchanged (which is why this function is longer than most here: it
     reads side by side with nnunetv2's `DatasetFingerprintExtractor.run`).
-    `jobs_within(nbytes)`, given one channel's bytes, says how many statistics may run at once in the memory left.
+    `memory_left()` says how many bytes the step may still add; with it, cases are loaded and statistics computed
+    side by side as far as that memory allows (without it, one case at a time and one statistic per channel).
     """
     lengths: list[list[int]] = []
     dtypes: list[list[np.dtype]] = []
@@ -228,20 +230,25 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
     channel_dtypes = [np.result_type(*d) for d in dtypes]
     foreground_intensities_per_channel = np.empty((len(totals), totals[0] if totals else 0),
                                                   dtype=np.result_type(*channel_dtypes) if channel_dtypes else float)
-    shapes_after_crop, spacings, relative_sizes = [], [], []
-    offset = 0
-    for i in range(num_cases):
+    offsets = np.concatenate(([0], np.cumsum(lengths[0] if lengths else [0] * num_cases)))
+
+    def place(i: int) -> tuple:
         r = load(i)
-        shapes_after_crop.append(r[0])
-        spacings.append(r[1])
-        relative_sizes.append(r[4])
-        arrays = [np.asarray(p) for p in r[2]]
-        del r
-        for c, piece in enumerate(arrays):
+        for c, piece in enumerate(np.asarray(p) for p in r[2]):
             # the cast np.concatenate makes, then the one np.array makes
-            foreground_intensities_per_channel[c, offset:offset + len(piece)] = piece.astype(
+            foreground_intensities_per_channel[c, offsets[i]:offsets[i] + len(piece)] = piece.astype(
                 channel_dtypes[c], copy=False)
-        offset += lengths[0][i]
+        return r[0], r[1], r[4]
+
+    # Each case's samples have their own place in the array, so cases are read, checked, decompressed and copied
+    # side by side (file reads, hashing, LZ4 and NumPy's copies release the GIL) as far as memory allows.
+    # a reader holds a case's file, its decompressed samples and their cast; the array fills up as they go
+    per_reader = 3 * max(1, max(lengths[0], default=0) * sum(d.itemsize for d in channel_dtypes) if lengths else 1)
+    readers = 1 if memory_left is None else min(
+        num_cases, len(os.sched_getaffinity(0)),
+        (memory_left() - foreground_intensities_per_channel.nbytes) // per_reader)
+    with ThreadPoolExecutor(max(1, readers)) as pool:
+        shapes_after_crop, spacings, relative_sizes = (list(x) for x in zip(*pool.map(place, range(num_cases))))
 
     # from here on nnunetv2 2.8.1's lines
     median_relative_size_after_cropping = np.median(relative_sizes, 0)
@@ -250,8 +257,8 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
                        else dataset_json['modality'].keys())
     percentiles = np.array((0.5, 50.0, 99.5))
 
-    def channel_percentiles(i: int) -> Any:
-        return np.percentile(foreground_intensities_per_channel[i], percentiles)
+    def channel_percentiles(i: int) -> Any:  # np.percentile's result, sooner (see percentiles.py)
+        return percentile(foreground_intensities_per_channel[i], percentiles)
 
     def channel_moments(i: int) -> tuple[float, float, float, float]:
         return (float(np.mean(foreground_intensities_per_channel[i])),
@@ -259,14 +266,14 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
                 float(np.min(foreground_intensities_per_channel[i])),
                 float(np.max(foreground_intensities_per_channel[i])))
 
-    # nnU-Net computes the channels one after the other. The calls are independent, and NumPy's partition (most of
-    # np.percentile's time) releases the GIL, so the step, which runs alone, uses the machine's other cores: the
-    # percentiles (the long calls) first, then the moments, each by the same call on the same array as nnU-Net's
-    # (np.percentile partitions a copy): the results are the same. Each call holds a temporary the size of its
-    # channel (the copy; np.std's deviations), so the memory left bounds how many run at once.
+    # nnU-Net computes the channels one after the other. The calls are independent and release the GIL, so the
+    # step, which runs alone, uses the machine's other cores: the percentiles (the long calls) first, then the
+    # moments, each on the same array as nnU-Net's: the results are the same. A call may hold a temporary the size
+    # of its channel (np.std's deviations; np.percentile's copy where percentiles.py falls back to it), so the
+    # memory left bounds how many run at once.
     jobs = min(2 * num_channels, len(os.sched_getaffinity(0)))
-    if jobs_within is not None:
-        jobs = min(jobs, jobs_within(foreground_intensities_per_channel[0].nbytes if num_channels else 0))
+    if memory_left is not None:
+        jobs = min(jobs, memory_left() // max(1, foreground_intensities_per_channel[0].nbytes if num_channels else 1))
     else:
         jobs = min(jobs, num_channels)
     with ThreadPoolExecutor(max(1, jobs)) as pool:

@@ -313,16 +313,13 @@ def run_aggregate(task: AggregateTask, send: Callable[[Any], None]) -> None:
                             "run the same command again: the case is fingerprinted again")
         return blobs.loads(blob)
 
-    def jobs_within(channel_bytes: int) -> int:
+    def memory_left() -> int:
         # the tree may grow by what the orchestrator found free under the budget, less this worker's growth so far
-        if not channel_bytes:
-            return 1
-        room = task.memory_room - max(0, current_rss() - started_rss)
-        return max(1, int(room * 0.8) // channel_bytes)
+        return int((task.memory_room - max(0, current_rss() - started_rss)) * 0.8)
 
     started_rss = current_rss()
     fingerprint = nnunet.aggregate_fingerprint(summary, load, len(task.results), task.dataset_json,
-                                               jobs_within if task.memory_room else None)
+                                               memory_left if task.memory_room else None)
     os.makedirs(task.staging_dir, exist_ok=True)
     path = os.path.join(task.staging_dir, "dataset_fingerprint.json")
     nnunet.write_fingerprint(fingerprint, path)
