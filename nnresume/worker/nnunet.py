@@ -243,7 +243,8 @@ def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load:
     # Each case's samples have their own place in the array, so cases are read, checked, decompressed and copied
     # side by side (file reads, hashing, LZ4 and NumPy's copies release the GIL) as far as memory allows: a reader
     # holds a case's file, its decompressed samples and their cast, and the array fills up as they go.
-    per_reader = 3 * max(1, max(lengths[0], default=0) * sum(d.itemsize for d in channel_dtypes) if lengths else 1)
+    largest_case = max(lengths[0], default=0) * sum(d.itemsize for d in channel_dtypes) if lengths else 0
+    per_reader = 3 * max(1, largest_case)
     readers = 1 if memory_left is None else min(
         num_cases, len(os.sched_getaffinity(0)),
         (memory_left() - foreground_intensities_per_channel.nbytes) // per_reader)
