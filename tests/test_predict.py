@@ -6,6 +6,7 @@ CPU inference takes seconds). Random weights are enough to compare two programs 
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from nnresume.predict.cases import list_input_cases
@@ -126,6 +128,16 @@ def assert_same_predictions(ours: Path, reference: Path, cases: list[str], proba
                 assert repr(pickle.load(fa)) == repr(pickle.load(fb)), case
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    try:
+        psutil.Process(pid).wait(seconds)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
 def cases() -> list[str]:
     return [case_name(SPEC, i) for i in range(SPEC.num_cases)]
 
@@ -160,6 +172,8 @@ def test_kill_resume_and_reruns(model: Model, tmp_path: Path) -> None:
                           NNRESUME_GROUP_WINDOW="0")
     proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read() if proc.stdout else ""
+    device = json.loads(next((out / ".nnresume" / "staging").glob("run-*/device.json")).read_text())["pid"]
+    assert _gone_within(device, 15), "the device process outlived the orchestrator"
     kill_group(proc, signal.SIGKILL)  # its workers
     before = done_rows(out)
     assert 1 <= len(before) < SPEC.num_cases, "the run finished before it could be killed"
@@ -286,3 +300,38 @@ def test_a_predict_worker_killed_mid_case_is_retried(model: Model, tmp_path: Pat
     assert [o for (o,) in outcomes] == ["died", "ok"], outcomes
     assert_same_predictions(out, model.reference, cases(), probabilities=False)
     assert not any((out / ".nnresume" / "staging").glob("*/*"))
+
+
+@pytest.mark.slow
+def test_the_device_process_killed_mid_case_is_started_again(model: Model, tmp_path: Path) -> None:
+    """SIGKILL of the process that holds the network while it predicts a case (as the OOM killer would): another is
+    started, the worker sends the case again, no worker dies, and the predictions are nnUNetv2_predict's."""
+    out, marker, victim = tmp_path / "out", tmp_path / "crashed", case_name(SPEC, 1)
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), *ARGS,
+                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT="device_inference", NNRESUME_CRASH_CASE=victim,
+                     NNRESUME_CRASH_ONCE=str(marker))
+    text = r.stdout + r.stderr
+    assert marker.exists(), "the crash point was not reached"
+    assert "was killed by SIGKILL; starting it again" in text, text
+    assert "started again 1 time(s)" in text, text
+    assert sorted(done_rows(out)) == cases()
+    outcomes = ledger_query(out / "nnresume.sqlite", "select outcome from attempts where case_name=? order by id",
+                            (victim,))
+    assert [o for (o,) in outcomes] == ["ok"], outcomes
+    assert_same_predictions(out, model.reference, cases(), probabilities=False)
+
+
+@pytest.mark.slow
+def test_a_case_that_kills_the_device_process_every_time_fails_alone(model: Model, tmp_path: Path) -> None:
+    """The device process dies each time it predicts one case: that case fails after three deaths with a message
+    saying so, the others are predicted as nnUNetv2_predict predicts them, and the exit code says a case failed."""
+    out, victim = tmp_path / "out", case_name(SPEC, 0)
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), *ARGS,
+                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT="device_inference", NNRESUME_CRASH_CASE=victim,
+                     expect=3)
+    text = r.stdout + r.stderr
+    assert f"case {victim}" in text and "the device process died 3 times while predicting this case" in text, text
+    others = [c for c in cases() if c != victim]
+    assert sorted(done_rows(out)) == others
+    assert_same_predictions(out, model.reference, others, probabilities=False)
+    assert not (out / f"{victim}.nii.gz").exists()
