@@ -241,6 +241,25 @@ def test_missing_channel_fails_that_case_only(model: Model, tmp_path: Path) -> N
     assert_same_predictions(out, model.reference, sorted(done), probabilities=False)
 
 
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_loaded_fails_every_case_with_its_reason(model: Model, tmp_path: Path) -> None:
+    """A checkpoint cut short: the device process cannot load it, says why, and is not started again; each case
+    fails with that reason (no traceback, no wait), and the exit code says cases failed."""
+    folder = tmp_path / "model"
+    shutil.copytree(model.results / SPEC.folder_name / f"nnUNetTrainer__nnUNetPlans__{CONFIG}", folder)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    out = tmp_path / "out"
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), "-m",
+                     str(folder), "-f", "0", "-device", "cpu", "--no-pbar", expect=3, timeout=300)
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text, text
+    assert "starting it again" not in text, text
+    for case in cases():
+        assert f"[failed] case {case} ({folder}): the model could not be loaded: " in text, text
+    assert done_rows(out) == {}
+
+
 def test_cases_are_grouped_as_nnunet_groups_them(tmp_path: Path) -> None:
     """As create_lists_from_splitted_dataset_folder: the identifier is the name without `_XXXX<ending>`; a case's
     files are those named `<identifier>_<4 digits><ending>`, sorted; other endings are ignored."""
