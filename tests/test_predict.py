@@ -152,7 +152,8 @@ def done_rows(out: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_predictions_identical_to_nnunet(model: Model, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    predict(model, model.inputs, out, "--save_probabilities", "-npp", "2")
+    text = predict(model, model.inputs, out, "--save_probabilities", "-npp", "2")
+    assert "leaked" not in text, text  # nothing of the device process is left to the resource tracker
     assert_same_predictions(out, model.reference, cases(), probabilities=True)
     assert sorted(done_rows(out)) == cases()
     for name in ("plans.json", "dataset.json"):  # as nnUNetv2_predict leaves them beside the predictions

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..io import crashpoints
 from ..tasks import DeviceLink, ModelSpec
@@ -56,6 +57,10 @@ def _exit_with_run(conn: Connection) -> None:
 
 
 def serve(conn: Connection, link: DeviceLink, model: ModelSpec) -> None:
+    # nnU-Net's sliding window opens a (disabled) tqdm bar, whose first use creates a multiprocessing lock: a named
+    # semaphore this process, ended by os._exit or a signal, would leave to the resource tracker ("leaked semaphore
+    # objects" at the run's end). One process needs only a thread lock.
+    tqdm.set_lock(threading.RLock())
     threading.Thread(target=_exit_with_run, args=(conn,), daemon=True).start()
     listener = Listener(link.address, "AF_UNIX", backlog=256, authkey=link.authkey)
     try:
