@@ -43,10 +43,7 @@ class DeviceOwner:
         self._load_deaths = 0
 
     def start(self) -> None:
-        Path(self.link.info).unlink(missing_ok=True)  # a file left by an earlier run says nothing of this one
-        self._start()
-
-    def _start(self) -> None:
+        """Starts the process; its info file is in this run's own staging folder, so none is there yet."""
         self.process = self.pool.start_companion("device", (self.link, self.model), on_exit=self._exited)
         log.debug("device process started (pid %s)", self.process.pid)
 
@@ -77,7 +74,7 @@ class DeviceOwner:
         log.warning("the device process (pid %s) %s; starting it again (the case it was predicting is sent again)",
                     process.pid, how)
         self.restarts += 1
-        self._start()
+        self.start()
 
     def _write_error(self, message: str) -> None:
         tmp = Path(f"{self.link.info}.tmp")
