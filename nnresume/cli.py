@@ -297,9 +297,10 @@ def _report(o: Any) -> None:
 @click.option("-device", "device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu", "mps"]),
               help="Device the network runs on.")
 @click.option("-npp", "num_workers", type=click.IntRange(min=1), default=3, show_default=True,
-              help="At most this many cases at once (each read, preprocessed, predicted and exported in its worker).")
+              help="At most this many cases at once, each read, preprocessed and exported in its worker (the network "
+                   "runs in one device process).")
 @click.option("-nps", "num_workers_export", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Accepted as nnUNetv2_predict's; each case is exported by the worker that predicted it.")
+              help="Accepted as nnUNetv2_predict's; each case is exported by the worker that preprocessed it.")
 @click.option("--verbose", "verbose", is_flag=True, help="nnU-Net's own verbose output, in the run's log.")
 @click.option("--max-ram", "max_ram", default=None, help="Memory budget, as for preprocess.")
 @click.option("--no-pbar", "--no_pbar", "--disable_progress_bar", "no_pbar", is_flag=True, help="No progress bar.")

@@ -193,7 +193,7 @@ class IntegrityTask:
 @dataclass(frozen=True)
 class ModelSpec:
     """A trained model as `nnresume predict` uses it: the folder nnU-Net's predictor loads, and the settings that
-    change what it predicts. `key` is their digest (predict/model.py); a worker keeps one loaded predictor per key."""
+    change what it predicts. `key` is their digest (predict/model.py)."""
 
     folder: str
     folds: tuple[str, ...]
@@ -207,9 +207,20 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class DeviceLink:
+    """How a prediction worker reaches the run's device process (worker/device.py): its socket (an abstract Unix
+    address, so nothing is left on disk), the key that admits only this run's workers, and the JSON file in which it
+    says it is ready (its pid and the model's configuration) or why it could not load the model."""
+
+    address: str
+    authkey: bytes
+    info: str
+
+
+@dataclass(frozen=True)
 class PredictTask:
-    """One input case through nnU-Net's predictor: read, preprocess, sliding-window inference, export, into staging.
-    The result is an OutputResult for the target ("prediction", configuration)."""
+    """One input case through nnU-Net's predictor: read, preprocess, sliding-window inference (in the device
+    process), export, into staging. The result is an OutputResult for the target ("prediction", configuration)."""
 
     task_id: str
     case: str
@@ -220,7 +231,7 @@ class PredictTask:
     num_channels: int  # what the model's dataset.json declares
     file_ending: str
     staging: str  # this attempt's name in the run's staging folder: its files are staged as `<staging>.<name>`
-    device_lock: str = ""  # a file whose flock lets one worker at a time run inference (worker/predictor.py)
+    device: DeviceLink  # the process that runs the sliding window for every worker
     stage: str = "predict"
 
     @property

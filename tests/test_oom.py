@@ -98,6 +98,7 @@ def test_nnunet_predict_is_oom_killed_and_nnresume_predict_finishes_identically(
                                        "--no-pbar"], env, timeout=600)
     assert ours.returncode == 0, ours.output[-4000:]
     assert ours.oom_kills == 0, f"nnresume predict was OOM-killed {ours.oom_kills} time(s)"
+    print(f"nnresume predict: peak {(ours.max_usage or 0) >> 20} MiB in the {PREDICT_LIMIT_MIB} MiB cgroup")
 
     reference = tmp_path / "reference"
     r = subprocess.run([nnunet_command("nnUNetv2_predict"), *args, "-o", str(reference), "-npp", "1", "-nps", "1",

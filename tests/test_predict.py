@@ -6,6 +6,7 @@ CPU inference takes seconds). Random weights are enough to compare two programs 
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from nnresume.predict.cases import list_input_cases
@@ -126,6 +128,16 @@ def assert_same_predictions(ours: Path, reference: Path, cases: list[str], proba
                 assert repr(pickle.load(fa)) == repr(pickle.load(fb)), case
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    try:
+        psutil.Process(pid).wait(seconds)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
 def cases() -> list[str]:
     return [case_name(SPEC, i) for i in range(SPEC.num_cases)]
 
@@ -140,7 +152,8 @@ def done_rows(out: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_predictions_identical_to_nnunet(model: Model, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    predict(model, model.inputs, out, "--save_probabilities", "-npp", "2")
+    text = predict(model, model.inputs, out, "--save_probabilities", "-npp", "2")
+    assert "leaked" not in text, text  # nothing of the device process is left to the resource tracker
     assert_same_predictions(out, model.reference, cases(), probabilities=True)
     assert sorted(done_rows(out)) == cases()
     for name in ("plans.json", "dataset.json"):  # as nnUNetv2_predict leaves them beside the predictions
@@ -160,6 +173,8 @@ def test_kill_resume_and_reruns(model: Model, tmp_path: Path) -> None:
                           NNRESUME_GROUP_WINDOW="0")
     proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read() if proc.stdout else ""
+    device = json.loads(next((out / ".nnresume" / "staging").glob("run-*/device.json")).read_text())["pid"]
+    assert _gone_within(device, 15), "the device process outlived the orchestrator"
     kill_group(proc, signal.SIGKILL)  # its workers
     before = done_rows(out)
     assert 1 <= len(before) < SPEC.num_cases, "the run finished before it could be killed"
@@ -227,6 +242,25 @@ def test_missing_channel_fails_that_case_only(model: Model, tmp_path: Path) -> N
     assert_same_predictions(out, model.reference, sorted(done), probabilities=False)
 
 
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_loaded_fails_every_case_with_its_reason(model: Model, tmp_path: Path) -> None:
+    """A checkpoint cut short: the device process cannot load it, says why, and is not started again; each case
+    fails with that reason (no traceback, no wait), and the exit code says cases failed."""
+    folder = tmp_path / "model"
+    shutil.copytree(model.results / SPEC.folder_name / f"nnUNetTrainer__nnUNetPlans__{CONFIG}", folder)
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    out = tmp_path / "out"
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), "-m",
+                     str(folder), "-f", "0", "-device", "cpu", "--no-pbar", expect=3, timeout=300)
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text, text
+    assert "starting it again" not in text, text
+    for case in cases():
+        assert f"[failed] case {case} ({folder}): the model could not be loaded: " in text, text
+    assert done_rows(out) == {}
+
+
 def test_cases_are_grouped_as_nnunet_groups_them(tmp_path: Path) -> None:
     """As create_lists_from_splitted_dataset_folder: the identifier is the name without `_XXXX<ending>`; a case's
     files are those named `<identifier>_<4 digits><ending>`, sorted; other endings are ignored."""
@@ -286,3 +320,38 @@ def test_a_predict_worker_killed_mid_case_is_retried(model: Model, tmp_path: Pat
     assert [o for (o,) in outcomes] == ["died", "ok"], outcomes
     assert_same_predictions(out, model.reference, cases(), probabilities=False)
     assert not any((out / ".nnresume" / "staging").glob("*/*"))
+
+
+@pytest.mark.slow
+def test_the_device_process_killed_mid_case_is_started_again(model: Model, tmp_path: Path) -> None:
+    """SIGKILL of the process that holds the network while it predicts a case (as the OOM killer would): another is
+    started, the worker sends the case again, no worker dies, and the predictions are nnUNetv2_predict's."""
+    out, marker, victim = tmp_path / "out", tmp_path / "crashed", case_name(SPEC, 1)
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), *ARGS,
+                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT="device_inference", NNRESUME_CRASH_CASE=victim,
+                     NNRESUME_CRASH_ONCE=str(marker))
+    text = r.stdout + r.stderr
+    assert marker.exists(), "the crash point was not reached"
+    assert "was killed by SIGKILL; starting it again" in text, text
+    assert "started again 1 time(s)" in text, text
+    assert sorted(done_rows(out)) == cases()
+    outcomes = ledger_query(out / "nnresume.sqlite", "select outcome from attempts where case_name=? order by id",
+                            (victim,))
+    assert [o for (o,) in outcomes] == ["ok"], outcomes
+    assert_same_predictions(out, model.reference, cases(), probabilities=False)
+
+
+@pytest.mark.slow
+def test_a_case_that_kills_the_device_process_every_time_fails_alone(model: Model, tmp_path: Path) -> None:
+    """The device process dies each time it predicts one case: that case fails after three deaths with a message
+    saying so, the others are predicted as nnUNetv2_predict predicts them, and the exit code says a case failed."""
+    out, victim = tmp_path / "out", case_name(SPEC, 0)
+    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), *ARGS,
+                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT="device_inference", NNRESUME_CRASH_CASE=victim,
+                     expect=3)
+    text = r.stdout + r.stderr
+    assert f"case {victim}" in text and "the device process died 3 times while predicting this case" in text, text
+    others = [c for c in cases() if c != victim]
+    assert sorted(done_rows(out)) == others
+    assert_same_predictions(out, model.reference, others, probabilities=False)
+    assert not (out / f"{victim}.nii.gz").exists()

@@ -20,6 +20,7 @@ The points, in the order a case meets them:
     group_synced          after the group's files and folders are durable, before its ledger commit
     fingerprint_aggregate while dataset_fingerprint.json is being written (temporary file written, not renamed)
     plans_write           while the plans JSON is being written (temporary file written, not renamed)
+    device_inference      in prediction's device process, a case's data received, before its inference
 
 With no variable set, `reached()` costs one environment lookup.
 """
@@ -31,7 +32,7 @@ from typing import Optional
 
 ENV = "NNRESUME_CRASH_AT"
 POINTS = ("staged", "between_renames", "renamed", "ledger_commit", "group_files_synced", "group_synced",
-          "fingerprint_aggregate", "plans_write")
+          "fingerprint_aggregate", "plans_write", "device_inference")
 
 _counts: dict[str, int] = {}
 _current_case: Optional[str] = None

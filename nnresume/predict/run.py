@@ -1,8 +1,9 @@
 """`nnresume predict`: every input case through a trained model, resumable, in a run session.
 
 The output folder is the place of the run: its ledger (`OUTPUT/nnresume.sqlite`), lock, logs and staging folder
-(`OUTPUT/.nnresume`). A case is predicted by one task in a worker (worker/predictor.py) that reads, preprocesses,
-predicts and exports it with nnU-Net's own code into staging; here its files are renamed into the output folder and
+(`OUTPUT/.nnresume`). A case is predicted by one task in a worker (worker/predictor.py) that reads, preprocesses
+and exports it with nnU-Net's own code into staging; its sliding window runs in the run's one device process, which
+holds the network (predict/device.py, worker/device.py). Here the case's files are renamed into the output folder and
 committed to the ledger (preprocess/context.py: `place_files`, the group commit), in the row (case, "prediction")
 whose configuration hash is the model key (predict/model.py) and whose input digest is the case's.
 
@@ -24,7 +25,7 @@ from ..dataset import LEDGER_NAME, DatasetLayout, nnunetv2_version
 from ..errors import EXIT_CASES_FAILED, EXIT_OK, DatasetError, DiskFullError, Interrupted, UsageError
 from ..execution import system
 from ..execution.memory import resolve_budget
-from ..execution.pools.base import Pool
+from ..execution.pools.local import LocalPool
 from ..execution.runner import StopFlag
 from ..execution.scheduler import QueueItem, Scheduler
 from ..geometry import header_voxels, read_header
@@ -33,16 +34,16 @@ from ..ledger.models import RunStatus, TaskState
 from ..ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
 from ..preprocess.context import RunContext, place_files
 from ..session import Outcome, run_session
-from ..tasks import OutputResult, PredictTask, Target
+from ..tasks import DeviceLink, OutputResult, PredictTask, Target
 from .cases import hash_inputs, list_input_cases
+from .device import DeviceOwner
 from .model import PREDICTION, Model, PredictSettings, resolve_model
 
 log = logging.getLogger(__name__)
 
-MODEL_MEMORY_FACTOR = 3  # a worker holds the checkpoints' weights, plus torch itself (WORKER_TORCH)
-WORKER_TORCH = 512 * 2**20
-# an idle worker keeps torch and its loaded network for the next case; above this it is retired (pools/local.py)
-WORKER_RETIRE_PRIVATE = 4 * 2**30
+WORKER_TORCH = 512 * 2**20  # a worker's torch and nnU-Net's inference modules, besides the case's own memory
+# an idle worker keeps torch's inference modules for the next case; above this it is retired (pools/local.py)
+WORKER_RETIRE_PRIVATE = 1 * 2**30
 
 
 @dataclass
@@ -107,8 +108,9 @@ def plan_predictions(settings: PredictSettings, cases: dict[str, tuple[str, ...]
 class PredictHandler:
     stage = "predict"
 
-    def __init__(self, ctx: RunContext, model: Model, inputs: dict[str, tuple[str, Any]], folder: Path) -> None:
-        self.ctx, self.model, self.inputs, self.folder = ctx, model, inputs, folder
+    def __init__(self, ctx: RunContext, model: Model, inputs: dict[str, tuple[str, Any]], folder: Path,
+                 device: DeviceLink) -> None:
+        self.ctx, self.model, self.inputs, self.folder, self.device = ctx, model, inputs, folder, device
         self.target = Target(PREDICTION, model.configuration)
 
     def build(self, item: QueueItem, attempt: int) -> PredictTask:
@@ -116,8 +118,7 @@ class PredictHandler:
         return PredictTask(task_id=w.task_id, case=w.case, images=w.images, expected=tuple(self.inputs[w.case][1]),
                            model=self.model.spec, target=self.target, num_channels=self.model.num_channels,
                            file_ending=self.model.file_ending,
-                           staging=str(self.ctx.staging / f"{w.task_id}-{attempt}"),
-                           device_lock=str(self.ctx.staging / "device.lock"))
+                           staging=str(self.ctx.staging / f"{w.task_id}-{attempt}"), device=self.device)
 
     def started(self, item: QueueItem) -> None:
         w: CaseWork = item.spec
@@ -224,7 +225,7 @@ def dry_run(settings: PredictSettings) -> str:
     return "\n".join(lines)
 
 
-def predict(settings: PredictSettings, stop: StopFlag, pool: Pool) -> Outcome:
+def predict(settings: PredictSettings, stop: StopFlag, pool: LocalPool) -> Outcome:
     """One prediction run in a run session (session.py). `pool` runs the tasks; the caller starts and stops it."""
     version = nnunetv2_version()
     _check_device(settings.device)
@@ -253,15 +254,15 @@ def predict(settings: PredictSettings, stop: StopFlag, pool: Pool) -> Outcome:
                                     retry_quarantined=settings.retry_quarantined)
         ctx = RunContext(shared, layout, session, stop, budget, workers, version, pool)
         try:
-            _run(ctx, settings, model, cases, folder)
+            _run(ctx, pool, settings, model, cases, folder)
             _summarize(ctx.ledger.load_cases(), cases, session.outcome)
         finally:
             pool.stop_all()
     return session.outcome
 
 
-def _run(ctx: RunContext, settings: PredictSettings, model: Model, cases: dict[str, tuple[str, ...]],
-         folder: Path) -> None:
+def _run(ctx: RunContext, pool: LocalPool, settings: PredictSettings, model: Model,
+         cases: dict[str, tuple[str, ...]], folder: Path) -> None:
     ledger = ctx.ledger
     records = ledger.load_cases()
     inputs, unreadable = hash_inputs(cases, records, model.file_ending)
@@ -282,14 +283,20 @@ def _run(ctx: RunContext, settings: PredictSettings, model: Model, cases: dict[s
         return
     log.info("Predict: %d case(s) to do, %d up to date", len(plan.work), plan.up_to_date)
     scheduler = Scheduler(ctx.workers, shrink_after_deaths=ctx.pool.on_this_machine)
-    fixed = WORKER_TORCH + MODEL_MEMORY_FACTOR * sum(p.stat().st_size for p in model.checkpoints)
-    if hasattr(ctx.pool, "retire_private"):  # a worker idle with its network loaded is not retired for it
-        ctx.pool.retire_private = max(ctx.pool.retire_private, fixed)
+    fixed = WORKER_TORCH
     for w in plan.work:
         out = records[w.case].outputs.get(PREDICTION) if w.case in records else None
         units = {f"preprocess:{PREDICTION}": _units(w.images, model)}
         scheduler.add(w, ctx.estimator.estimate(units) + fixed, units, deaths=out.deaths if out else 0, fixed=fixed)
-    stats = ctx.run_stage("Predict", scheduler, PredictHandler(ctx, model, inputs, folder), plan.up_to_date)
+    device = DeviceOwner(pool, model.spec, ctx.staging)
+    device.start()  # it loads the network while the first workers read and preprocess
+    try:
+        stats = ctx.run_stage("Predict", scheduler, PredictHandler(ctx, model, inputs, folder, device.link),
+                              plan.up_to_date)
+    finally:
+        device.close()
+    if device.restarts:
+        log.warning("Predict: the device process died and was started again %d time(s)", device.restarts)
     if ctx.stop:
         raise Interrupted(ctx.stop.signal_name or "signal", ctx.stop.exit_code)
     if stats.halted:

@@ -426,6 +426,19 @@ def _release_memory(base_rss: int) -> None:
         pass
 
 
+def companion_main(kind: str, conn: Any, *args: Any) -> None:
+    """Entry point of a process started beside the workers to serve them (execution/pools/local.py); it ends when
+    `conn` closes. "device": prediction's device process (device.py)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if kind != "device":
+        raise ValueError(f"unknown companion {kind!r}")
+    from .device import serve  # torch's inference code only in the process that predicts
+
+    serve(conn, *args)
+
+
 def worker_loop(conn: Any) -> None:
     """Entry point of a worker process: runs the tasks it is sent, one at a time, until it is sent None (or its
     pipe closes: the orchestrator is gone)."""

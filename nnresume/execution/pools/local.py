@@ -9,7 +9,9 @@ than `RETIRE_PRIVATE` between tasks (a heap a large case left fragmented), so no
 
 `LocalPool` implements the runner's `Pool` interface (base.py). It also measures memory: the tree of orchestrator,
 forkserver and workers, each page once (memory.TreeSampler); an idle worker's private memory counts as overhead.
-How a task ended is classified here: a message saying it finished, or its worker's exit code or signal.
+So does a companion's: a process started beside the workers to serve them (prediction's device process), restarted
+through its owner's callback if it dies. How a task ended is classified here: a message saying it finished, or its
+worker's exit code or signal.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import forkserver
 from typing import Any, Optional
@@ -49,12 +52,26 @@ class _Worker:
     killed_by_us: bool = False
 
 
+@dataclass
+class _Companion:
+    process: Any
+    conn: Any  # the parent's end of its pipe
+    on_exit: Optional[Callable[[Any], None]]
+
+
 def _worker_main(conn: Any) -> None:
     """Runs in the child. The import is free there (the forkserver preloaded it); keeping it out of the parent spares
     the orchestrator importing nnunetv2 on runs that only hash files."""
     from ...worker.run import worker_loop
 
     worker_loop(conn)
+
+
+def _companion_main(conn: Any, kind: str, args: tuple[Any, ...]) -> None:
+    """Runs in a companion process (see `LocalPool.start_companion`); the import is preloaded, as for workers."""
+    from ...worker.run import companion_main
+
+    companion_main(kind, conn, *args)
 
 
 class LocalPool:
@@ -71,6 +88,7 @@ class LocalPool:
         self._queued: list[Any] = []  # tasks enqueued while no worker could take one in advance
         self._cancelled: list[str] = []  # queued tasks killed before they started, to report as ended
         self._ids = itertools.count()
+        self._companions: list[_Companion] = []
         main = sys.modules.get("__main__")
         script = getattr(main, "__file__", None)
         if getattr(main, "__spec__", None) is None and script:
@@ -88,6 +106,39 @@ class LocalPool:
         pid = self.forkserver_pid()
         return [os.getpid()] + ([pid] if pid else [])
 
+    def start_companion(self, kind: str, args: tuple[Any, ...],
+                        on_exit: Optional[Callable[[Any], None]] = None) -> Any:
+        """Starts a process beside the workers, forked from the same forkserver, that serves them rather than running
+        tasks (prediction's device process: worker/device.py); `kind` names its entry point in worker/run.py. Its
+        memory counts as the run's own, as the forkserver's does. Should it end by itself, `on_exit(process)` is
+        called from `poll` (in the caller's thread), and may start it again. Closing its pipe (`stop_companion`, or
+        this process's death) tells it the run is over."""
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_companion_main, args=(child, kind, args),
+                                    name=f"nnresume-{kind}-{next(self._ids)}", daemon=False)
+        process.start()
+        child.close()
+        self._companions.append(_Companion(process, parent, on_exit))
+        return process
+
+    def stop_companion(self, process: Any) -> None:
+        """Closes its pipe (it exits), kills it if it does not within a few seconds, and reaps it."""
+        for c in [c for c in self._companions if c.process is process]:
+            self._companions.remove(c)
+            c.conn.close()
+            c.process.join(5)
+            if c.process.exitcode is None:
+                c.process.kill()
+                c.process.join()
+
+    def _check_companions(self) -> None:
+        for c in [c for c in self._companions if c.process.exitcode is not None]:
+            self._companions.remove(c)
+            c.process.join()
+            c.conn.close()
+            if c.on_exit is not None:
+                c.on_exit(c.process)
+
     def _busy(self) -> dict[str, _Worker]:
         return {w.task.task_id: w for w in self._workers if w.task is not None}
 
@@ -95,7 +146,9 @@ class LocalPool:
         return {t: w.process.pid for t, w in self._busy().items() if w.process.pid}
 
     def readings(self) -> Readings:
+        # an idle worker's and a companion's private memory count as the run's own (overhead)
         idle = {f"idle-{w.process.pid}": w.process.pid for w in self._workers if w.task is None and w.process.pid}
+        idle.update({f"companion-{c.process.pid}": c.process.pid for c in self._companions if c.process.pid})
         r = self.sampler.sample(self.overhead_pids(), {**self.pids(), **idle})
         idle_memory = sum(r.per_task.pop(k, 0) for k in idle)
         return Readings(r.tree, r.overhead + idle_memory, r.available, r.per_task)
@@ -197,12 +250,14 @@ class LocalPool:
         self._cancelled.clear()
         if events:
             timeout = 0.0
-        if not self._workers:
-            time.sleep(timeout)
-            return events
         waitables = [w.process.sentinel for w in self._workers] + [w.conn for w in self._workers
                                                                     if w.task is not None and not w.finished]
-        multiprocessing.connection.wait(waitables, timeout)
+        waitables += [c.process.sentinel for c in self._companions]
+        if waitables:
+            multiprocessing.connection.wait(waitables, timeout)
+        else:
+            time.sleep(timeout)
+        self._check_companions()
         freed = 0  # workers that ran a task and now run none (idle, or gone)
         for w in list(self._workers):
             self._drain(w, events)
@@ -274,6 +329,8 @@ class LocalPool:
 
     def shutdown(self) -> None:
         self.stop_all()
+        for c in list(self._companions):
+            self.stop_companion(c.process)
         for w in list(self._workers):
             self._stop(w)
         # Stop the forkserver now, so nothing of the run outlives it. It is killed rather than asked to stop: it

@@ -1,0 +1,113 @@
+"""The device process of `nnresume predict`: the one process that holds the network and runs the sliding window.
+
+It loads nnU-Net's predictor once (worker/predictor.py: `load_predictor`, as nnUNetv2_predict builds it), says so in
+the run's info file (its pid, and the configuration the checkpoint was trained with as the predictor resolved it
+from the plans, which the workers' preprocessing and export need), and then serves the prediction workers one case
+at a time, in the order they connect: a worker sends a case's preprocessed array, the process runs
+`predict_logits_from_preprocessed_data` on it (every fold, test-time mirroring unless disabled) and sends the logits
+back. Reading, preprocessing and export stay in the workers, which the governor admits by memory; this process's
+memory counts as the run's own (execution/pools/local.py).
+
+One case at a time, as nnUNetv2_predict's single predictor runs them: on the CPU each inference uses every thread,
+and on a GPU the network and its weights are there once. Arrays travel through the socket as raw bytes into buffers
+allocated for them, with no pickling of their contents.
+
+A worker that dies while it is served costs only its connection. If this process dies (the OOM killer, a crash), the
+orchestrator starts another (predict/device.py); the worker it was serving sends its case again, and gives up on that
+case after it has seen the process die `DEVICE_DEATHS` times while serving it (worker/predictor.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import traceback
+from multiprocessing.connection import Connection, Listener
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..io import crashpoints
+from ..tasks import DeviceLink, ModelSpec
+from .nnunet import quiet
+from .predictor import load_predictor
+
+log = logging.getLogger(__name__)
+
+
+def write_info(path: str, info: dict[str, Any]) -> None:
+    """The info file, replaced whole (a reader never sees half of it)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
+def _exit_with_run(conn: Connection) -> None:
+    """The orchestrator never writes to this pipe: it closes when the run ends or the orchestrator dies."""
+    try:
+        conn.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(0)
+
+
+def serve(conn: Connection, link: DeviceLink, model: ModelSpec) -> None:
+    # nnU-Net's sliding window opens a (disabled) tqdm bar, whose first use creates a multiprocessing lock: a named
+    # semaphore this process, ended by os._exit or a signal, would leave to the resource tracker ("leaked semaphore
+    # objects" at the run's end). One process needs only a thread lock.
+    tqdm.set_lock(threading.RLock())
+    threading.Thread(target=_exit_with_run, args=(conn,), daemon=True).start()
+    listener = Listener(link.address, "AF_UNIX", backlog=256, authkey=link.authkey)
+    try:
+        with quiet():
+            predictor = load_predictor(model)
+        # the configuration the checkpoint names, resolved as nnU-Net's predictor resolved it
+        info = {"pid": os.getpid(), "configuration": predictor.configuration_manager.configuration}
+        json.dumps(info)
+    except Exception as e:
+        message = re.sub(r"\s+", " ", f"{type(e).__name__}: {e}").strip()[:500]
+        log.debug("loading the model failed:\n%s", traceback.format_exc())
+        write_info(link.info, {"pid": os.getpid(), "error": message})
+        os._exit(1)
+    write_info(link.info, info)
+    while True:
+        try:
+            client = listener.accept()
+        except Exception as e:  # a worker gone before or during the handshake
+            log.debug("connection not accepted: %s", e)
+            continue
+        try:
+            _serve_one(client, predictor)
+        except (EOFError, OSError) as e:  # the worker went away while it was served: its loss only
+            log.debug("worker gone while served: %s", e)
+        finally:
+            client.close()
+
+
+def _serve_one(client: Connection, predictor: Any) -> None:
+    case, dtype, shape = client.recv()
+    data = np.empty(shape, dtype=np.dtype(dtype))
+    client.recv_bytes_into(data.data.cast("B"))
+    crashpoints.set_case(case)
+    crashpoints.reached("device_inference")
+    try:
+        with quiet():
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().detach().numpy()
+    except MemoryError as e:
+        client.send(("memory", str(e)))
+        return
+    except Exception as e:
+        log.debug("prediction of %s failed:\n%s", case, traceback.format_exc())
+        client.send(("error", re.sub(r"\s+", " ", f"{type(e).__name__}: {e}").strip()[:500]))
+        return
+    finally:
+        del data
+        crashpoints.set_case(None)
+    logits = np.ascontiguousarray(logits)
+    client.send(("logits", logits.dtype.str, logits.shape))
+    client.send_bytes(logits.data.cast("B"))
