@@ -346,7 +346,7 @@ def predict_cases(settings: Any) -> int:
     """A prediction run with a local pool and signals turned into an orderly stop; returns the exit code."""
     from .execution.pools.local import LocalPool
     from .execution.runner import StopFlag
-    from .predict.run import WORKER_RETIRE_PRIVATE, predict
+    from .predict.run import PRELOAD, predict
 
     stop = StopFlag()
 
@@ -354,8 +354,8 @@ def predict_cases(settings: Any) -> int:
         stop.set(signal.Signals(signum).name, 128 + signum)  # only set flags: the main loop acts on them
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    # a worker keeps its loaded network between cases: it is not retired for the memory that holds
-    pool = LocalPool(retire_private=WORKER_RETIRE_PRIVATE)
+    # nnU-Net's inference code is imported once, by the forkserver: the device process and the workers share it
+    pool = LocalPool(preload=(PRELOAD,))
     pool.warm_up()
     try:
         outcome = predict(settings, stop, pool)

@@ -4,7 +4,8 @@ What it covers
 - `TreeSampler` reads the memory of the orchestrator, the forkserver and every worker a few times a second. Workers
   are forked from a forkserver that holds nnunetv2, so most of a fresh worker's RSS (about 240 MB) is pages shared
   with the forkserver; summing RSS would count them once per worker. The sampler counts each page once: the
-  forkserver's and the orchestrator's RSS, plus each worker's private memory (USS). USS is costly to read (~2 ms per
+  forkserver's RSS, plus the private memory (USS) of every other process (the pool says which; the orchestrator's
+  shared pages are libraries the forkserver maps too, or processes outside the run). USS is costly to read (~2 ms per
   process, from smaps), so it is read every couple of seconds and carried forward between reads by the change in RSS,
   which is cheap (~10 us) and tracks new allocations exactly.
 - `Estimator` predicts a task's peak from its image header (voxels, channels, spacing against the configuration's

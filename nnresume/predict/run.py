@@ -41,9 +41,11 @@ from .model import PREDICTION, Model, PredictSettings, resolve_model
 
 log = logging.getLogger(__name__)
 
-WORKER_TORCH = 512 * 2**20  # a worker's torch and nnU-Net's inference modules, besides the case's own memory
-# an idle worker keeps torch's inference modules for the next case; above this it is retired (pools/local.py)
-WORKER_RETIRE_PRIVATE = 1 * 2**30
+# a case's memory that does not grow with its size: the sliding window's working memory in the device process (one
+# patch through the network, counted as the case's while it is served) and the worker's own
+CASE_FIXED = 256 * 2**20
+# imported by the forkserver, so that the device process and every worker share nnU-Net's inference code
+PRELOAD = "nnresume.worker.predictor"
 
 
 @dataclass
@@ -283,7 +285,7 @@ def _run(ctx: RunContext, pool: LocalPool, settings: PredictSettings, model: Mod
         return
     log.info("Predict: %d case(s) to do, %d up to date", len(plan.work), plan.up_to_date)
     scheduler = Scheduler(ctx.workers, shrink_after_deaths=ctx.pool.on_this_machine)
-    fixed = WORKER_TORCH
+    fixed = CASE_FIXED
     for w in plan.work:
         out = records[w.case].outputs.get(PREDICTION) if w.case in records else None
         units = {f"preprocess:{PREDICTION}": _units(w.images, model)}

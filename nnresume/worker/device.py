@@ -5,8 +5,10 @@ the run's info file (its pid, and the configuration the checkpoint was trained w
 from the plans, which the workers' preprocessing and export need), and then serves the prediction workers one case
 at a time, in the order they connect: a worker sends a case's preprocessed array, the process runs
 `predict_logits_from_preprocessed_data` on it (every fold, test-time mirroring unless disabled) and sends the logits
-back. Reading, preprocessing and export stay in the workers, which the governor admits by memory; this process's
-memory counts as the run's own (execution/pools/local.py).
+back. Reading, preprocessing and export stay in the workers, which the governor admits by memory. This process's
+memory while idle counts as the run's own; what it takes beyond that while it serves a case is that case's
+(execution/pools/local.py): it tells the pool, through its pipe, which task it serves and, when done, its peak above
+its idle size, which the estimates learn from. After each case it gives the heap's free pages back to the system.
 
 One case at a time, as nnUNetv2_predict's single predictor runs them: on the CPU each inference uses every thread,
 and on a GPU the network and its weights are there once. Arrays travel through the socket as raw bytes into buffers
@@ -35,6 +37,7 @@ from ..io import crashpoints
 from ..tasks import DeviceLink, ModelSpec
 from .nnunet import quiet
 from .predictor import load_predictor
+from .run import peak_rss, release_heap, reset_peak_rss, rss_now
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +85,40 @@ def serve(conn: Connection, link: DeviceLink, model: ModelSpec) -> None:
             log.debug("connection not accepted: %s", e)
             continue
         try:
-            _serve_one(client, predictor)
+            _serve_one(client, predictor, conn)
         except (EOFError, OSError) as e:  # the worker went away while it was served: its loss only
             log.debug("worker gone while served: %s", e)
         finally:
             client.close()
 
 
-def _serve_one(client: Connection, predictor: Any) -> None:
-    case, dtype, shape = client.recv()
+def _tell(pool: Connection, message: tuple[Any, ...]) -> None:
+    try:
+        pool.send(message)
+    except (OSError, ValueError):  # the run is over: _exit_with_run ends this process
+        pass
+
+
+def _serve_one(client: Connection, predictor: Any, pool: Connection) -> None:
+    case, task_id, dtype, shape = client.recv()
+    reset_peak_rss()
+    idle = rss_now()
+    _tell(pool, ("serving", task_id))
+    try:
+        reply = _infer(client, predictor, case, dtype, shape)
+    finally:  # told before the worker has its logits, so the pool knows it when the worker's result arrives
+        _tell(pool, ("served", task_id, max(0, (peak_rss() or idle) - idle)))
+    if isinstance(reply, np.ndarray):
+        client.send(("logits", reply.dtype.str, reply.shape))
+        client.send_bytes(reply.data.cast("B"))
+    else:
+        client.send(reply)
+    del reply
+    release_heap()
+
+
+def _infer(client: Connection, predictor: Any, case: str, dtype: str, shape: tuple[int, ...]) -> Any:
+    """The case's logits, or the reply that says why there are none."""
     data = np.empty(shape, dtype=np.dtype(dtype))
     client.recv_bytes_into(data.data.cast("B"))
     crashpoints.set_case(case)
@@ -98,16 +126,12 @@ def _serve_one(client: Connection, predictor: Any) -> None:
     try:
         with quiet():
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu().detach().numpy()
+        return np.ascontiguousarray(logits)
     except MemoryError as e:
-        client.send(("memory", str(e)))
-        return
+        return ("memory", str(e))
     except Exception as e:
         log.debug("prediction of %s failed:\n%s", case, traceback.format_exc())
-        client.send(("error", re.sub(r"\s+", " ", f"{type(e).__name__}: {e}").strip()[:500]))
-        return
+        return ("error", re.sub(r"\s+", " ", f"{type(e).__name__}: {e}").strip()[:500])
     finally:
         del data
         crashpoints.set_case(None)
-    logits = np.ascontiguousarray(logits)
-    client.send(("logits", logits.dtype.str, logits.shape))
-    client.send_bytes(logits.data.cast("B"))

@@ -171,7 +171,7 @@ def infer(task: PredictTask, data: np.ndarray) -> np.ndarray:
     while True:
         conn = _connect(task)
         try:
-            conn.send((task.case, data.dtype.str, data.shape))
+            conn.send((task.case, task.task_id, data.dtype.str, data.shape))
             conn.send_bytes(data.data.cast("B"))
             reply = conn.recv()
             if reply[0] == "logits":

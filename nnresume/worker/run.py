@@ -402,7 +402,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _libc: Any = None
 
 
-def _rss_now() -> int:
+def rss_now() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * _PAGE
@@ -415,9 +415,13 @@ def _release_memory(base_rss: int) -> None:
     holds more than TRIM_ABOVE beyond its size at its start. After small cases there is little to give back: a trim
     after each of 4,000 tasks of 2,000 small cases cost 2.4 s of worker CPU, and the next task faulted its pages in
     again."""
+    if rss_now() - base_rss > TRIM_ABOVE:
+        release_heap()
+
+
+def release_heap() -> None:
+    """glibc's malloc_trim: the heap's free pages go back to the system (no effect on other C libraries)."""
     global _libc
-    if _rss_now() - base_rss <= TRIM_ABOVE:
-        return
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None)
@@ -445,7 +449,7 @@ def worker_loop(conn: Any) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    base_rss = _rss_now()
+    base_rss = rss_now()
     try:
         while True:
             try:

@@ -1,5 +1,6 @@
-"""Imported by the forkserver only, before it serves: ignore SIGTERM, stand in for the orchestrator's main script, then
-import the worker (and nnunetv2).
+"""Imported by the forkserver only, before it serves: ignore SIGTERM, stand in for the orchestrator's main script,
+import the worker (and nnunetv2) and the modules the pool names in NNRESUME_FORKSERVER_PRELOAD, then freeze the
+garbage collector's view of them.
 
 SIGTERM: a batch scheduler's time limit sends it to every process of the job. The orchestrator turns it into an orderly
 stop with a grace period for running cases; if the forkserver died of it instead, every running case would die with it
@@ -13,6 +14,8 @@ NNRESUME_PARENT_MAIN, and a stand-in module with that path is registered here, o
 
 The orchestrator never imports this module.
 """
+import gc
+import importlib
 import os
 import signal
 import sys
@@ -27,3 +30,11 @@ if _main:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = _stand_in
 
 from ...worker import run  # noqa: E402,F401  (the preload: nnunetv2 is imported once, here)
+
+for _name in filter(None, os.environ.get("NNRESUME_FORKSERVER_PRELOAD", "").split(",")):
+    importlib.import_module(_name)
+
+# Every child forked from here shares these pages until it writes to them. The cyclic garbage collector writes to
+# every object it examines, so a child's first full collection would make its own copy of most of the pages nnunetv2
+# and torch filled; frozen objects are never examined again.
+gc.freeze()

@@ -10,8 +10,11 @@ than `RETIRE_PRIVATE` between tasks (a heap a large case left fragmented), so no
 `LocalPool` implements the runner's `Pool` interface (base.py). It also measures memory: the tree of orchestrator,
 forkserver and workers, each page once (memory.TreeSampler); an idle worker's private memory counts as overhead.
 So does a companion's: a process started beside the workers to serve them (prediction's device process), restarted
-through its owner's callback if it dies. How a task ended is classified here: a message saying it finished, or its
-worker's exit code or signal.
+through its owner's callback if it dies. A companion that says, through its pipe, which task it is serving ("serving",
+task id; then "served", task id, its peak above its idle size) has its memory beyond its idle size counted as that
+task's, in the readings and in the task's peak, from which the estimates learn.
+
+How a task ended is classified here: a message saying it finished, or its worker's exit code or signal.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import forkserver
 from typing import Any, Optional
 
@@ -35,6 +38,7 @@ from .base import Ended, Event, Received, Started
 log = logging.getLogger(__name__)
 
 PRELOAD = ["nnresume.execution.pools.forkserver_preload"]
+PRELOAD_ENV = "NNRESUME_FORKSERVER_PRELOAD"
 MAX_TASKS = 500  # tasks a worker runs before it is retired
 RETIRE_PRIVATE = 384 * MIB  # private memory an idle worker may keep; above it, it is retired
 
@@ -57,6 +61,9 @@ class _Companion:
     process: Any
     conn: Any  # the parent's end of its pipe
     on_exit: Optional[Callable[[Any], None]]
+    serving: Optional[str] = None  # the task it says it is working for now
+    idle_private: Optional[int] = None  # its private memory when last read while it served no task
+    served_peaks: dict[str, int] = field(default_factory=dict)  # task -> its peak above its idle size for that task
 
 
 def _worker_main(conn: Any) -> None:
@@ -79,11 +86,14 @@ class LocalPool:
     queue_depth = 1
 
     def __init__(self, sampler: Optional[TreeSampler] = None, max_tasks: int = MAX_TASKS,
-                 retire_private: int = RETIRE_PRIVATE) -> None:
+                 retire_private: int = RETIRE_PRIVATE, preload: tuple[str, ...] = ()) -> None:
+        """`preload`: modules the forkserver imports besides the worker's, so that every process forked from it
+        shares their pages instead of importing them for itself (prediction's inference code)."""
         self.sampler = sampler or TreeSampler()
         self.max_tasks, self.retire_private = max_tasks, retire_private
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(PRELOAD)
+        os.environ[PRELOAD_ENV] = ",".join(preload)  # read by the forkserver when it starts (forkserver_preload.py)
         self._workers: list[_Worker] = []
         self._queued: list[Any] = []  # tasks enqueued while no worker could take one in advance
         self._cancelled: list[str] = []  # queued tasks killed before they started, to report as ended
@@ -103,8 +113,10 @@ class LocalPool:
         return getattr(forkserver._forkserver, "_forkserver_pid", None)
 
     def overhead_pids(self) -> list[int]:
+        """Processes whose whole RSS is the run's own: the forkserver (the orchestrator counts by its private
+        memory, see `readings`)."""
         pid = self.forkserver_pid()
-        return [os.getpid()] + ([pid] if pid else [])
+        return [pid] if pid else []
 
     def start_companion(self, kind: str, args: tuple[Any, ...],
                         on_exit: Optional[Callable[[Any], None]] = None) -> Any:
@@ -131,6 +143,21 @@ class LocalPool:
                 c.process.kill()
                 c.process.join()
 
+    def _drain_companions(self) -> None:
+        for c in self._companions:
+            try:
+                while c.conn.poll():
+                    message = c.conn.recv()
+                    if message[0] == "serving":
+                        c.serving = message[1]
+                    elif message[0] == "served":
+                        c.serving = None
+                        c.served_peaks[message[1]] = message[2]
+                        if len(c.served_peaks) > 64:  # tasks whose worker died before it reported: never asked for
+                            del c.served_peaks[next(iter(c.served_peaks))]
+            except (EOFError, OSError):  # it ended: _check_companions deals with it
+                c.serving = None
+
     def _check_companions(self) -> None:
         for c in [c for c in self._companions if c.process.exitcode is not None]:
             self._companions.remove(c)
@@ -146,16 +173,35 @@ class LocalPool:
         return {t: w.process.pid for t, w in self._busy().items() if w.process.pid}
 
     def readings(self) -> Readings:
-        # an idle worker's and a companion's private memory count as the run's own (overhead)
+        # The orchestrator's and an idle worker's private memory count as the run's own (overhead); the pages the
+        # orchestrator shares are libraries the forkserver maps too (counted in its RSS) or processes outside the run
+        # do. So does a companion's, but for what it holds beyond its idle size while it serves a running task,
+        # which is that task's.
+        self._drain_companions()
         idle = {f"idle-{w.process.pid}": w.process.pid for w in self._workers if w.task is None and w.process.pid}
-        idle.update({f"companion-{c.process.pid}": c.process.pid for c in self._companions if c.process.pid})
-        r = self.sampler.sample(self.overhead_pids(), {**self.pids(), **idle})
-        idle_memory = sum(r.per_task.pop(k, 0) for k in idle)
-        return Readings(r.tree, r.overhead + idle_memory, r.available, r.per_task)
+        idle["orchestrator"] = os.getpid()
+        companions = {f"companion-{c.process.pid}": c for c in self._companions if c.process.pid}
+        r = self.sampler.sample(self.overhead_pids(),
+                                {**self.pids(), **idle, **{k: c.process.pid for k, c in companions.items()}})
+        overhead = r.overhead + sum(r.per_task.pop(k, 0) for k in idle)
+        for key, c in companions.items():
+            private = r.per_task.pop(key, 0)
+            if c.serving is not None and c.serving in r.per_task:
+                base = private if c.idle_private is None else min(private, c.idle_private)
+                r.per_task[c.serving] += private - base
+                overhead += base
+            else:
+                c.idle_private = private
+                overhead += private
+        return Readings(r.tree, overhead, r.available, r.per_task)
 
     def private_peak(self, task_id: str, peak_rss: int) -> int:
+        """A task's peak private memory: its worker's, and a companion's peak above its idle size while it served
+        the task."""
         pid = self.pids().get(task_id)
-        return peak_rss - (self.sampler.shared_of(pid) if pid else 0)
+        self._drain_companions()
+        served = sum(c.served_peaks.pop(task_id, 0) for c in self._companions)
+        return peak_rss - (self.sampler.shared_of(pid) if pid else 0) + served
 
     def _start_worker(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
