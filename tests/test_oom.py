@@ -8,8 +8,8 @@ own processes, need more than 2400 MiB, while one at a time fits.
 Prediction likewise: `nnUNetv2_predict` with its default `-npp 3 -nps 3` starts six background processes beside the
 one holding the network, each importing torch; in a 1500 MiB cgroup the kernel OOM-kills them (measured: exit -9 after
 4 OOM kills; at 2000 MiB it hung until killed after 600 s), while `nnresume predict` with its default budget (the
-memory available in the cgroup minus a tenth) runs as many workers as fit (peak 777 MiB in the cgroup) and writes
-the same segmentations as nnU-Net's unconstrained run.
+memory available in the cgroup minus a tenth) runs as many workers as fit beside its device process (peak 793-827 MiB
+in the cgroup over five runs) and writes the same segmentations as nnU-Net's unconstrained run.
 """
 from __future__ import annotations
 
