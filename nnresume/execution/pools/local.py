@@ -178,12 +178,12 @@ class LocalPool:
         # do. So does a companion's, but for what it holds beyond its idle size while it serves a running task,
         # which is that task's.
         self._drain_companions()
-        idle = {f"idle-{w.process.pid}": w.process.pid for w in self._workers if w.task is None and w.process.pid}
-        idle["orchestrator"] = os.getpid()
+        own = {f"idle-{w.process.pid}": w.process.pid for w in self._workers if w.task is None and w.process.pid}
+        own["orchestrator"] = os.getpid()
         companions = {f"companion-{c.process.pid}": c for c in self._companions if c.process.pid}
         r = self.sampler.sample(self.overhead_pids(),
-                                {**self.pids(), **idle, **{k: c.process.pid for k, c in companions.items()}})
-        overhead = r.overhead + sum(r.per_task.pop(k, 0) for k in idle)
+                                {**self.pids(), **own, **{k: c.process.pid for k, c in companions.items()}})
+        overhead = r.overhead + sum(r.per_task.pop(k, 0) for k in own)
         for key, c in companions.items():
             private = r.per_task.pop(key, 0)
             if c.serving is not None and c.serving in r.per_task:
