@@ -37,7 +37,7 @@ from ..io import crashpoints
 from ..tasks import DeviceLink, ModelSpec
 from .nnunet import quiet
 from .predictor import load_predictor
-from .run import peak_rss, release_heap, reset_peak_rss, rss_now
+from .process import peak_rss, release_heap, reset_peak_rss, rss_now
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from ..errors import CaseError, InputChangedError
 from ..tasks import ModelSpec, OutputResult, PredictTask
 from .nnunet import quiet
-from .run import _stage_files, _stat, peak_rss
+from .process import peak_rss
+from .run import _stage_files, _stat
 
 # model key -> loaded predictor; at most one, in the device process
 _loaded: dict[str, Any] = {}

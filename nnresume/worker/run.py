@@ -10,7 +10,6 @@ orchestrator learns of it from the process sentinel.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import os
@@ -54,44 +53,7 @@ from . import (
     readcache,
     validate,
 )
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> None:
-    """Resets the kernel's peak-RSS mark for this process, so each configuration's peak is its own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+from .process import die_with_parent, peak_rss, release_memory, reset_peak_rss, rss_now
 
 
 def input_digest(files: list[InputFileInfo]) -> str:
@@ -315,9 +277,9 @@ def run_aggregate(task: AggregateTask, send: Callable[[Any], None]) -> None:
 
     def memory_left() -> int:
         # the tree may grow by what the orchestrator found free under the budget, less this worker's growth so far
-        return int((task.memory_room - max(0, current_rss() - started_rss)) * 0.8)
+        return int((task.memory_room - max(0, rss_now() - started_rss)) * 0.8)
 
-    started_rss = current_rss()
+    started_rss = rss_now()
     fingerprint = nnunet.aggregate_fingerprint(summary, load, len(task.results), task.dataset_json,
                                                memory_left if task.memory_room else None)
     os.makedirs(task.staging_dir, exist_ok=True)
@@ -397,43 +359,10 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
     send(TaskFinished(time.time() - t0, peak_rss()))
 
 
-TRIM_ABOVE = 128 << 20  # heap kept by glibc beyond the worker's size at its start before it is given back
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_libc: Any = None
-
-
-def rss_now() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _release_memory(base_rss: int) -> None:
-    """Gives the heap's free pages back to the system between tasks (glibc keeps them otherwise), when the worker
-    holds more than TRIM_ABOVE beyond its size at its start. After small cases there is little to give back: a trim
-    after each of 4,000 tasks of 2,000 small cases cost 2.4 s of worker CPU, and the next task faulted its pages in
-    again."""
-    if rss_now() - base_rss > TRIM_ABOVE:
-        release_heap()
-
-
-def release_heap() -> None:
-    """glibc's malloc_trim: the heap's free pages go back to the system (no effect on other C libraries)."""
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None)
-        _libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def companion_main(kind: str, conn: Any, *args: Any) -> None:
     """Entry point of a process started beside the workers to serve them (execution/pools/local.py); it ends when
     `conn` closes. "device": prediction's device process (device.py)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if kind != "device":
@@ -446,7 +375,7 @@ def companion_main(kind: str, conn: Any, *args: Any) -> None:
 def worker_loop(conn: Any) -> None:
     """Entry point of a worker process: runs the tasks it is sent, one at a time, until it is sent None (or its
     pipe closes: the orchestrator is gone)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     base_rss = rss_now()
@@ -463,6 +392,6 @@ def worker_loop(conn: Any) -> None:
                 run_task(task, conn.send)
             except (BrokenPipeError, ConnectionResetError):
                 return  # the orchestrator is gone (killed): nobody is left to tell
-            _release_memory(base_rss)
+            release_memory(base_rss)
     finally:
         conn.close()
