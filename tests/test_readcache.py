@@ -12,7 +12,8 @@ import SimpleITK as sitk
 
 from nnresume.tasks import FingerprintResult, FingerprintTask
 from nnresume.worker import readcache
-from nnresume.worker.run import _file_stats, run_fingerprint
+from nnresume.worker.files import file_stats
+from nnresume.worker.run import run_fingerprint
 
 
 def _write(path: Path, arr: np.ndarray) -> None:
@@ -64,7 +65,7 @@ def test_the_cache_holds_the_read_before_cropping_and_serves_once(tmp_path: Path
     crop_to_nonzero(data.copy(), cropped)
     assert (cropped < 0).any()  # nnU-Net's cropping alters the segmentation it is given, in place
 
-    stats = _file_stats(result.files)
+    stats = file_stats(result.files)
     assert readcache.load(cache, "NibabelIO", stats) is None  # another reader: not used (and removed)
     assert not os.path.exists(cache)
 

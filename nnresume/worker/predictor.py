@@ -36,9 +36,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from ..errors import CaseError, InputChangedError
 from ..tasks import ModelSpec, OutputResult, PredictTask
+from .files import stage_files, stat_input
 from .nnunet import quiet
 from .process import peak_rss
-from .run import _stage_files, _stat
 
 # model key -> loaded predictor; at most one, in the device process
 _loaded: dict[str, Any] = {}
@@ -94,7 +94,7 @@ def check_channels(case: str, images: list[str], file_ending: str, found: int, e
 
 def _check_unchanged(task: PredictTask, when: str) -> None:
     for f in task.expected:
-        st = _stat(task.case, f.path)
+        st = stat_input(task.case, f.path)
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise InputChangedError(task.case, f"file changed {when}", f.path,
                                     "rerun once the file is complete: the case is predicted again")
@@ -222,5 +222,5 @@ def _predict(task: PredictTask, send: Callable[[Any], None]) -> None:
                      dataset_json, prefix, task.model.save_probabilities)
 
     names = output_names(task.case, task.file_ending, task.model.save_probabilities)
-    staged = _stage_files(task.staging, task.case, names, write)
+    staged = stage_files(task.staging, task.case, names, write)
     send(OutputResult(task.case, task.target, staged, time.time() - t0, peak_rss()))

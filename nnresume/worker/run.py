@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import dataset, geometry
 from ..errors import CaseError, InputChangedError, NnresumeError
-from ..io import atomic, blobs, crashpoints
+from ..io import blobs, crashpoints
 from ..tasks import (
     AggregateTask,
     CaseWarning,
@@ -41,7 +41,6 @@ from ..tasks import (
     PredictTask,
     PreprocessTask,
     ReaderTask,
-    StagedFile,
     Target,
     TaskFailed,
     TaskFinished,
@@ -53,62 +52,14 @@ from . import (
     readcache,
     validate,
 )
+from .files import file_stats, hash_input, input_digest, stage_files, staged_file, stat_input
 from .process import die_with_parent, peak_rss, release_memory, reset_peak_rss, rss_now
-
-
-def input_digest(files: list[InputFileInfo]) -> str:
-    """A case's input digest: its files' digests, in role/channel order."""
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda f: (f.role != "image", f.channel)):
-        h.update(f"{f.role}:{f.channel}:{f.digest}\n".encode())
-    return h.hexdigest()
-
-
-def _stat(case: str, path: str) -> os.stat_result:
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        raise CaseError(case, "file is missing", path) from None
-    except OSError as e:
-        raise CaseError(case, f"cannot read file: {e.strerror}", path) from None
-
-
-def _hash(case: str, path: str) -> str:
-    try:
-        return atomic.file_digest(path)
-    except OSError as e:
-        raise CaseError(case, f"cannot read file: {e.strerror}", path) from None
-
-
-def _stage_files(staging: str, case: str, names: list[str], write: Callable[[str], None]) -> tuple[StagedFile, ...]:
-    """Runs `write(prefix)` with the prefix `<staging>.<case>` and returns name, size and checksum of each file it
-    wrote, `<staging>.<name>`.
-
-    `staging` names one attempt (of one target) in the run's staging folder, which the run made and emptied when it
-    started: no folder is made per task (under load a mkdir and the orchestrator's rmdir cost ~0.5 ms each, waiting
-    on the file system's journal). Nothing is fsynced here: the orchestrator renames the files into their folder and
-    makes them durable, for a group of tasks at once, before the ledger commit that vouches for them
-    (preprocess/context.py, GroupCommit).
-    """
-    write(f"{staging}.{case}")
-    staged = []
-    for name in names:
-        path = f"{staging}.{name}"
-        size, digest = atomic.size_and_digest(path)
-        staged.append(StagedFile(name, path, size, digest))
-    crashpoints.reached("staged")
-    return tuple(staged)
 
 
 def _validating(case: str, images: list[str], label: str, dataset_json: dict[str, Any],
                observed: Optional[dict[str, Any]] = None, capture: Optional[readcache.Capture] = None
                ) -> Callable[[type], type]:
     return lambda cls: validate.validating_reader(cls, case, images, label, dataset_json, observed, capture)
-
-
-def _file_stats(files: Any) -> list[tuple[str, int, int]]:
-    """What identifies a case's input files for the read cache: path, size and modification time of each."""
-    return sorted((f.path, f.size, f.mtime_ns) for f in files)
 
 
 def case_warnings(case: str, images: list[str], label: str, dataset_json: dict[str, Any], reader: str,
@@ -152,10 +103,10 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
     known = {f.path: f for f in task.known}
     files = []
     for role, channel, path in task.files:
-        st = _stat(task.case, path)
+        st = stat_input(task.case, path)
         k = known.get(path)
         same_stat = k is not None and k.size == st.st_size and k.mtime_ns == st.st_mtime_ns
-        digest = k.digest if k is not None and same_stat else _hash(task.case, path)
+        digest = k.digest if k is not None and same_stat else hash_input(task.case, path)
         files.append(InputFileInfo(role, channel, path, st.st_size, st.st_mtime_ns, digest))
     digest = input_digest(files)
     if task.reuse_if_unchanged and task.known and digest == input_digest(list(task.known)):
@@ -172,12 +123,12 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
         task.case, "fingerprint", images, label,
         lambda: nnunet.analyze_case(task.extractor, images, label, task.reader_writer, task.num_samples, wrap))
     for f in files:
-        st = _stat(task.case, f.path)
+        st = stat_input(task.case, f.path)
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise InputChangedError(task.case, "file changed while it was being read", f.path,
                                     "rerun once the file is complete")
     if capture is not None:
-        capture.save(task.reader_writer, _file_stats(files))
+        capture.save(task.reader_writer, file_stats(files))
     name = f"{task.case}.fingerprint"
 
     # what aggregation needs before it reads the samples: their lengths and dtypes per channel
@@ -187,7 +138,7 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
         with open(prefix + ".fingerprint", "wb") as fh:
             fh.write(blobs.dumps(result, summary))
 
-    (staged,) = _stage_files(task.staging, task.case, [name], write)
+    (staged,) = stage_files(task.staging, task.case, [name], write)
     shape_after_crop, spacing = result[0], result[1]
     # the case as the reader returned it: what the preprocessing stage's memory estimate starts from
     header = dict(geometry.read_header(images[0]) or {})
@@ -203,7 +154,7 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
 
 def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
     for f in task.expected:
-        st = _stat(task.case, f.path)
+        st = stat_input(task.case, f.path)
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise InputChangedError(task.case, "file changed after its fingerprint was taken", f.path,
                                     "rerun: the case will be fingerprinted and preprocessed again")
@@ -212,13 +163,13 @@ def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
     read = None
     if needs_read and task.read_cache:
         read = readcache.load(task.read_cache, nnunet.plans_reader_writer_name(task.plans),
-                              _file_stats(task.expected))
+                              file_stats(task.expected))
     if needs_read and read is None:
         wrap = _validating(task.case, list(task.images), task.label, task.dataset_json)
         read = validate.wrap_nnunet_errors(task.case, "read", list(task.images), task.label,
                                            lambda: nnunet.read_case(task.plans, list(task.images), task.label, wrap))
     for f in task.expected:
-        st = _stat(task.case, f.path)
+        st = stat_input(task.case, f.path)
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             raise InputChangedError(task.case, "file changed while it was being read", f.path)
 
@@ -237,7 +188,7 @@ def run_preprocess(task: PreprocessTask, send: Callable[[Any], None]) -> None:
                     task.case, target.configuration, list(task.images), task.label,
                     lambda: nnunet.preprocess_configuration(task.plans, target.configuration, task.dataset_json,
                                                             list(task.images), task.label, prefix, read))
-        staged = _stage_files(staging, task.case, names, write)
+        staged = stage_files(staging, task.case, names, write)
         send(OutputResult(task.case, target, staged, time.time() - t0, peak_rss()))
 
 
@@ -253,13 +204,6 @@ def _disk_full(path: str) -> bool:
         return shutil.disk_usage(probe or "/").free < DISK_FULL_BELOW
     except OSError:
         return False
-
-
-def _staged(path: str) -> StagedFile:
-    size, digest = atomic.size_and_digest(path, sync=True)
-    staged = StagedFile(os.path.basename(path), path, size, digest)
-    crashpoints.reached("staged")
-    return staged
 
 
 def run_aggregate(task: AggregateTask, send: Callable[[Any], None]) -> None:
@@ -285,14 +229,14 @@ def run_aggregate(task: AggregateTask, send: Callable[[Any], None]) -> None:
     os.makedirs(task.staging_dir, exist_ok=True)
     path = os.path.join(task.staging_dir, "dataset_fingerprint.json")
     nnunet.write_fingerprint(fingerprint, path)
-    send(DatasetResult(staged=_staged(path), peak_rss=peak_rss()))
+    send(DatasetResult(staged=staged_file(path), peak_rss=peak_rss()))
 
 
 def run_plan(task: PlanTask, send: Callable[[Any], None]) -> None:
     identifier, staged = nnunet.plan(task.dataset_name, task.planner, task.gpu_memory_target,
                                      task.preprocessor_name, task.overwrite_target_spacing, task.overwrite_plans_name,
                                      task.staging_dir, task.reader_writer)
-    send(DatasetResult(value=identifier, staged=_staged(staged), peak_rss=peak_rss()))
+    send(DatasetResult(value=identifier, staged=staged_file(staged), peak_rss=peak_rss()))
 
 
 def run_task(task: Any, send: Callable[[Any], None]) -> None:
