@@ -208,9 +208,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DeviceLink:
-    """How a prediction worker reaches the run's device process (worker/device.py): its socket (an abstract Unix
-    address, so nothing is left on disk), the key that admits only this run's workers, and the JSON file in which it
-    says it is ready (its pid and the model's configuration) or why it could not load the model."""
+    """How a prediction worker reaches the run's device process (worker/inference/device.py): its socket (an abstract
+    Unix address, so nothing is left on disk), the key that admits only this run's workers, and the JSON file in which
+    it says it is ready (its pid and the model's configuration) or why it could not load the model."""
 
     address: str
     authkey: bytes

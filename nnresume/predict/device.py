@@ -1,14 +1,14 @@
-"""The orchestrator's side of prediction's device process (worker/device.py): starting it, and starting it again.
+"""The orchestrator's side of prediction's device process: starting it, and starting it again.
 
-The process is a companion of the local pool: forked from the same forkserver as the workers (so nnunetv2 and torch
-are already imported), its memory counted as the run's own. It loads the network once and runs every case's sliding
-window; the workers reach it through a `DeviceLink`: an abstract Unix socket (nothing on disk, no path-length limit)
-named at random for this run, and a random key without which it accepts no connection.
+The process (worker/inference/device.py) is a companion of the local pool: forked from the same forkserver as the
+workers (so nnunetv2 and torch are already imported), its memory counted as the run's own. It loads the network once and
+runs every case's sliding window; the workers reach it through a `DeviceLink`: an abstract Unix socket (nothing on disk,
+no path-length limit) named at random for this run, and a random key without which it accepts no connection.
 
 If it dies (the OOM killer, a crash), the pool tells `DeviceOwner` from its poll and another is started at once; the
-worker it was serving sends its case again (worker/predictor.py: `infer`). If it cannot load the model, it says why
-in the info file and exits: every waiting case fails with that message, and it is not started again. Dying
-`LOAD_DEATHS` times before it is ready counts as the same: the message says how it died.
+worker it was serving sends its case again (worker/inference/case.py: `infer`). If it cannot load the model, it says why
+in the info file and exits: every waiting case fails with that message, and it is not started again. Dying `LOAD_DEATHS`
+times before it is ready counts as the same: the message says how it died.
 """
 from __future__ import annotations
 

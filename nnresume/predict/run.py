@@ -1,11 +1,11 @@
 """`nnresume predict`: every input case through a trained model, resumable, in a run session.
 
 The output folder is the place of the run: its ledger (`OUTPUT/nnresume.sqlite`), lock, logs and staging folder
-(`OUTPUT/.nnresume`). A case is predicted by one task in a worker (worker/predictor.py) that reads, preprocesses
+(`OUTPUT/.nnresume`). A case is predicted by one task in a worker (worker/inference/case.py) that reads, preprocesses
 and exports it with nnU-Net's own code into staging; its sliding window runs in the run's one device process, which
-holds the network (predict/device.py, worker/device.py). Here the case's files are renamed into the output folder and
-committed to the ledger (preprocess/context.py: `place_files`, the group commit), in the row (case, "prediction")
-whose configuration hash is the model key (predict/model.py) and whose input digest is the case's.
+holds the network (predict/device.py, worker/inference/device.py). Here the case's files are renamed into the output
+folder and committed to the ledger (preprocess/context.py: `place_files`, the group commit), in the row (case,
+"prediction") whose configuration hash is the model key (predict/model.py) and whose input digest is the case's.
 
 A case is skipped only when that row is done for the same model key and input digest and its files exist with the
 recorded sizes; anything else is redone: new, interrupted, failed before, input changed, model changed, output
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # patch through the network, counted as the case's while it is served) and the worker's own
 CASE_FIXED = 256 * 2**20
 # imported by the forkserver, so that the device process and every worker share nnU-Net's inference code
-PRELOAD = "nnresume.worker.predictor"
+PRELOAD = "nnresume.worker.inference.case"
 
 
 @dataclass

@@ -252,7 +252,7 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
         elif isinstance(task, PreprocessTask):
             run_preprocess(task, send)
         elif isinstance(task, PredictTask):
-            from .predictor import run_predict  # torch's inference code only in workers that predict
+            from .inference.case import run_predict  # torch's inference code only in workers that predict
 
             run_predict(task, send)
         elif isinstance(task, ReaderTask):
@@ -305,13 +305,13 @@ def run_task(task: Any, send: Callable[[Any], None]) -> None:
 
 def companion_main(kind: str, conn: Any, *args: Any) -> None:
     """Entry point of a process started beside the workers to serve them (execution/pools/local.py); it ends when
-    `conn` closes. "device": prediction's device process (device.py)."""
+    `conn` closes. "device": prediction's device process (inference/device.py)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if kind != "device":
         raise ValueError(f"unknown companion {kind!r}")
-    from .device import serve  # torch's inference code only in the process that predicts
+    from .inference.device import serve  # torch's inference code only in the process that predicts
 
     serve(conn, *args)
 

@@ -121,10 +121,10 @@ class LocalPool:
     def start_companion(self, kind: str, args: tuple[Any, ...],
                         on_exit: Optional[Callable[[Any], None]] = None) -> Any:
         """Starts a process beside the workers, forked from the same forkserver, that serves them rather than running
-        tasks (prediction's device process: worker/device.py); `kind` names its entry point in worker/run.py. Its
-        memory counts as the run's own, as the forkserver's does. Should it end by itself, `on_exit(process)` is
-        called from `poll` (in the caller's thread), and may start it again. Closing its pipe (`stop_companion`, or
-        this process's death) tells it the run is over."""
+        tasks (prediction's device process: worker/inference/device.py); `kind` names its entry point in worker/run.py.
+        Its memory counts as the run's own, as the forkserver's does. Should it end by itself, `on_exit(process)` is
+        called from `poll` (in the caller's thread), and may start it again. Closing its pipe (`stop_companion`, or this
+        process's death) tells it the run is over."""
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=_companion_main, args=(child, kind, args),
                                     name=f"nnresume-{kind}-{next(self._ids)}", daemon=False)

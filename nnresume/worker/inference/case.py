@@ -6,7 +6,7 @@ the plans' reader reads the images, the configuration's preprocessor (`run_case_
 `export_prediction_from_logits` resamples and writes the segmentation (and, with --save_probabilities, the `.npz` and
 `.pkl`). Only where the files go differs: a staging folder, from which the orchestrator renames them into place.
 
-The sliding window runs in the run's device process (worker/device.py), which holds the network once; a worker
+The sliding window runs in the run's device process (worker/inference/device.py), which holds the network once; a worker
 reads, preprocesses and exports, and hands each case's preprocessed array to that process and waits for its logits.
 A worker needs only the model's plans and dataset.json, read once per worker and model key, and the configuration
 the device process's predictor resolved for the checkpoint (its info file).
@@ -34,11 +34,11 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from ..errors import CaseError, InputChangedError
-from ..tasks import ModelSpec, OutputResult, PredictTask
-from .files import stage_files, stat_input
-from .nnunet import quiet
-from .process import peak_rss
+from ...errors import CaseError, InputChangedError
+from ...tasks import ModelSpec, OutputResult, PredictTask
+from ..files import stage_files, stat_input
+from ..nnunet import quiet
+from ..process import peak_rss
 
 # model key -> loaded predictor; at most one, in the device process
 _loaded: dict[str, Any] = {}

@@ -1,14 +1,14 @@
 """The device process of `nnresume predict`: the one process that holds the network and runs the sliding window.
 
-It loads nnU-Net's predictor once (worker/predictor.py: `load_predictor`, as nnUNetv2_predict builds it), says so in
-the run's info file (its pid, and the configuration the checkpoint was trained with as the predictor resolved it
-from the plans, which the workers' preprocessing and export need), and then serves the prediction workers one case
-at a time, in the order they connect: a worker sends a case's preprocessed array, the process runs
+It loads nnU-Net's predictor once (worker/inference/case.py: `load_predictor`, as nnUNetv2_predict builds it), says so
+in the run's info file (its pid, and the configuration the checkpoint was trained with as the predictor resolved it from
+the plans, which the workers' preprocessing and export need), and then serves the prediction workers one case at a time,
+in the order they connect: a worker sends a case's preprocessed array, the process runs
 `predict_logits_from_preprocessed_data` on it (every fold, test-time mirroring unless disabled) and sends the logits
-back. Reading, preprocessing and export stay in the workers, which the governor admits by memory. This process's
-memory while idle counts as the run's own; what it takes beyond that while it serves a case is that case's
-(execution/pools/local.py): it tells the pool, through its pipe, which task it serves and, when done, its peak above
-its idle size, which the estimates learn from. After each case it gives the heap's free pages back to the system.
+back. Reading, preprocessing and export stay in the workers, which the governor admits by memory. This process's memory
+while idle counts as the run's own; what it takes beyond that while it serves a case is that case's
+(execution/pools/local.py): it tells the pool, through its pipe, which task it serves and, when done, its peak above its
+idle size, which the estimates learn from. After each case it gives the heap's free pages back to the system.
 
 One case at a time, as nnUNetv2_predict's single predictor runs them: on the CPU each inference uses every thread,
 and on a GPU the network and its weights are there once. Arrays travel through the socket as raw bytes into buffers
@@ -16,7 +16,7 @@ allocated for them, with no pickling of their contents.
 
 A worker that dies while it is served costs only its connection. If this process dies (the OOM killer, a crash), the
 orchestrator starts another (predict/device.py); the worker it was serving sends its case again, and gives up on that
-case after it has seen the process die `DEVICE_DEATHS` times while serving it (worker/predictor.py).
+case after it has seen the process die `DEVICE_DEATHS` times while serving it (worker/inference/case.py).
 """
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import crashpoints
-from ..tasks import DeviceLink, ModelSpec
-from .nnunet import quiet
-from .predictor import load_predictor
-from .process import peak_rss, release_heap, reset_peak_rss, rss_now
+from ...io import crashpoints
+from ...tasks import DeviceLink, ModelSpec
+from ..nnunet import quiet
+from ..process import peak_rss, release_heap, reset_peak_rss, rss_now
+from .case import load_predictor
 
 log = logging.getLogger(__name__)
 
