@@ -355,7 +355,7 @@ def predict_cases(settings: Any) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     # nnU-Net's inference code is imported once, by the forkserver: the device process and the workers share it
-    pool = LocalPool(preload=(PRELOAD,))
+    pool = LocalPool(preload=PRELOAD)
     pool.warm_up()
     try:
         outcome = predict(settings, stop, pool)

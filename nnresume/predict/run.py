@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # patch through the network, counted as the case's while it is served) and the worker's own
 CASE_FIXED = 256 * 2**20
 # imported by the forkserver, so that the device process and every worker share nnU-Net's inference code
-PRELOAD = "nnresume.worker.inference.case"
+PRELOAD = ("nnresume.worker.inference.case", "nnresume.worker.inference.device")
 
 
 @dataclass

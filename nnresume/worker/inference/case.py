@@ -14,13 +14,12 @@ the device process's predictor resolved for the checkpoint (its info file).
 The channels are checked between reading and preprocessing: nnU-Net itself goes on with too few channels (and
 crashes later, or predicts from the wrong inputs); here the case fails with a message naming the file.
 
-Besides worker/nnunet.py, the only module that imports nnunetv2; imported by worker/run.py only when a prediction
-task arrives or the device process starts, so preprocessing workers never load torch's inference code.
+With worker/nnunet.py and inference/device.py, the only modules that import nnunetv2; imported by worker/run.py only
+when a prediction task arrives, so preprocessing workers never load torch's inference code.
 """
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import time
@@ -31,17 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from ...errors import CaseError, InputChangedError
-from ...tasks import ModelSpec, OutputResult, PredictTask
+from ...tasks import OutputResult, PredictTask
 from ..files import stage_files, stat_input
 from ..nnunet import quiet
 from ..process import peak_rss
 
-# model key -> loaded predictor; at most one, in the device process
-_loaded: dict[str, Any] = {}
 # model key -> (plans manager, configuration manager, dataset.json); at most one, in a worker
 _model_files: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
 
@@ -50,28 +46,6 @@ def output_names(case: str, file_ending: str, save_probabilities: bool) -> list[
     """The files nnU-Net writes for a case, in the order they are moved into place (the segmentation last, so that
     its presence means the probabilities beside it are complete too)."""
     return ([case + ".npz", case + ".pkl"] if save_probabilities else []) + [case + file_ending]
-
-
-def load_predictor(model: ModelSpec) -> Any:
-    """The predictor for `model`, loaded once in the device process, as nnUNetv2_predict builds it."""
-    predictor = _loaded.get(model.key)
-    if predictor is not None:
-        return predictor
-    _loaded.clear()
-    if model.device == "cpu":
-        # as nnUNetv2_predict does for -device cpu
-        torch.set_num_threads(multiprocessing.cpu_count())
-    elif model.device == "cuda":
-        torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
-    predictor = nnUNetPredictor(tile_step_size=model.step_size, use_gaussian=True,
-                                use_mirroring=not model.disable_tta, perform_everything_on_device=True,
-                                device=torch.device(model.device), verbose=model.verbose,
-                                verbose_preprocessing=model.verbose, allow_tqdm=False)
-    folds = [f if f == "all" else int(f) for f in model.folds]
-    predictor.initialize_from_trained_model_folder(model.folder, folds, model.checkpoint)
-    _loaded[model.key] = predictor
-    return predictor
 
 
 def check_channels(case: str, images: list[str], file_ending: str, found: int, expected: int) -> None:

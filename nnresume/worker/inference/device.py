@@ -1,14 +1,14 @@
 """The device process of `nnresume predict`: the one process that holds the network and runs the sliding window.
 
-It loads nnU-Net's predictor once (worker/inference/case.py: `load_predictor`, as nnUNetv2_predict builds it), says so
-in the run's info file (its pid, and the configuration the checkpoint was trained with as the predictor resolved it from
-the plans, which the workers' preprocessing and export need), and then serves the prediction workers one case at a time,
-in the order they connect: a worker sends a case's preprocessed array, the process runs
-`predict_logits_from_preprocessed_data` on it (every fold, test-time mirroring unless disabled) and sends the logits
-back. Reading, preprocessing and export stay in the workers, which the governor admits by memory. This process's memory
-while idle counts as the run's own; what it takes beyond that while it serves a case is that case's
-(execution/pools/local.py): it tells the pool, through its pipe, which task it serves and, when done, its peak above its
-idle size, which the estimates learn from. After each case it gives the heap's free pages back to the system.
+It loads nnU-Net's predictor once (`load_predictor`, as nnUNetv2_predict builds it), says so in the run's info file (its
+pid, and the configuration the checkpoint was trained with as the predictor resolved it from the plans, which the
+workers' preprocessing and export need), and then serves the prediction workers one case at a time, in the order they
+connect: a worker sends a case's preprocessed array, the process runs `predict_logits_from_preprocessed_data` on it
+(every fold, test-time mirroring unless disabled) and sends the logits back. Reading, preprocessing and export stay in
+the workers, which the governor admits by memory. This process's memory while idle counts as the run's own; what it
+takes beyond that while it serves a case is that case's (execution/pools/local.py): it tells the pool, through its pipe,
+which task it serves and, when done, its peak above its idle size, which the estimates learn from. After each case it
+gives the heap's free pages back to the system.
 
 One case at a time, as nnUNetv2_predict's single predictor runs them: on the CPU each inference uses every thread,
 and on a GPU the network and its weights are there once. Arrays travel through the socket as raw bytes into buffers
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import threading
@@ -31,15 +32,40 @@ from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from tqdm import tqdm
 
 from ...io import crashpoints
 from ...tasks import DeviceLink, ModelSpec
 from ..nnunet import quiet
 from ..process import peak_rss, release_heap, reset_peak_rss, rss_now
-from .case import load_predictor
 
 log = logging.getLogger(__name__)
+
+# model key -> loaded predictor; at most one, in the device process
+_loaded: dict[str, Any] = {}
+
+
+def load_predictor(model: ModelSpec) -> Any:
+    """The predictor for `model`, loaded once in the device process, as nnUNetv2_predict builds it."""
+    predictor = _loaded.get(model.key)
+    if predictor is not None:
+        return predictor
+    _loaded.clear()
+    if model.device == "cpu":
+        # as nnUNetv2_predict does for -device cpu
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif model.device == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    predictor = nnUNetPredictor(tile_step_size=model.step_size, use_gaussian=True,
+                                use_mirroring=not model.disable_tta, perform_everything_on_device=True,
+                                device=torch.device(model.device), verbose=model.verbose,
+                                verbose_preprocessing=model.verbose, allow_tqdm=False)
+    folds = [f if f == "all" else int(f) for f in model.folds]
+    predictor.initialize_from_trained_model_folder(model.folder, folds, model.checkpoint)
+    _loaded[model.key] = predictor
+    return predictor
 
 
 def write_info(path: str, info: dict[str, Any]) -> None:
