@@ -3,8 +3,8 @@
 The output folder is the place of the run: its ledger (`OUTPUT/nnresume.sqlite`), lock, logs and staging folder
 (`OUTPUT/.nnresume`). A case is predicted by one task in a worker (worker/inference/case.py) that reads, preprocesses
 and exports it with nnU-Net's own code into staging; its sliding window runs in the run's one device process, which
-holds the network (predict/device.py, worker/inference/device.py). Here the case's files are renamed into the output
-folder and committed to the ledger (preprocess/context.py: `place_files`, the group commit), in the row (case,
+holds the network (predict/device_owner.py, worker/inference/device.py). Here the case's files are renamed into the
+output folder and committed to the ledger (preprocess/context.py: `place_files`, the group commit), in the row (case,
 "prediction") whose configuration hash is the model key (predict/model.py) and whose input digest is the case's.
 
 A case is skipped only when that row is done for the same model key and input digest and its files exist with the
@@ -36,7 +36,7 @@ from ..preprocess.context import RunContext, place_files
 from ..session import Outcome, run_session
 from ..tasks import DeviceLink, OutputResult, PredictTask, Target
 from .cases import hash_inputs, list_input_cases
-from .device import DeviceOwner
+from .device_owner import DeviceOwner
 from .model import PREDICTION, Model, PredictSettings, resolve_model
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ and on a GPU the network and its weights are there once. Arrays travel through t
 allocated for them, with no pickling of their contents.
 
 A worker that dies while it is served costs only its connection. If this process dies (the OOM killer, a crash), the
-orchestrator starts another (predict/device.py); the worker it was serving sends its case again, and gives up on that
-case after it has seen the process die `DEVICE_DEATHS` times while serving it (worker/inference/case.py).
+orchestrator starts another (predict/device_owner.py); the worker it was serving sends its case again, and gives up on
+that case after it has seen the process die `DEVICE_DEATHS` times while serving it (worker/inference/case.py).
 """
 from __future__ import annotations
 
