@@ -56,7 +56,7 @@ class FingerprintTask:
     dataset_json: dict[str, Any] = field(default_factory=dict)
     known: tuple[InputFileInfo, ...] = ()  # the ledger's view; files whose stat matches are not hashed again
     reuse_if_unchanged: bool = False  # the ledger's result is valid if the content is unchanged
-    read_cache: str = ""  # where to keep the case as read, for this run's preprocessing (worker/readcache.py)
+    read_cache: str = ""  # where to keep the case as read, for this run's preprocessing (io/readcache.py)
 
     @property
     def stage(self) -> str:
@@ -78,7 +78,7 @@ class PreprocessTask:
     dataset_json: dict[str, Any]
     targets_: tuple[Target, ...]
     staging: str  # this attempt's name in the run's staging folder: its files are staged as `<staging>.<name>`
-    read_cache: str = ""  # the case as the fingerprint stage read it, if it is there (worker/readcache.py)
+    read_cache: str = ""  # the case as the fingerprint stage read it, if it is there (io/readcache.py)
 
     @property
     def stage(self) -> str:

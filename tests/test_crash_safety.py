@@ -47,13 +47,13 @@ def _assert_consistent(dataset: Path) -> None:
 
 
 def _ram_read_caches() -> list[Path]:
-    from nnresume.preprocess.readcache import PREFIX, RAM_FOLDER
+    from nnresume.io.readcache import PREFIX, RAM_FOLDER
 
     return list(RAM_FOLDER.glob(PREFIX + "*")) if RAM_FOLDER.is_dir() else []
 
 
 def _room_for_read_cache_in_ram() -> bool:
-    from nnresume.preprocess.readcache import RAM_FOLDER, TOTAL
+    from nnresume.io.readcache import RAM_FOLDER, TOTAL
 
     return os.access(RAM_FOLDER, os.W_OK) and shutil.disk_usage(RAM_FOLDER).free // 4 >= TOTAL
 

@@ -1,4 +1,4 @@
-"""The read cache (worker/readcache.py): the fingerprint stage keeps a case exactly as nnU-Net's reader returned it,
+"""The read cache (io/readcache.py): the fingerprint stage keeps a case exactly as nnU-Net's reader returned it,
 before nnU-Net's cropping alters the segmentation in place, and the preprocessing stage uses it only for the same
 files read by the same reader, once. Real files, nnU-Net's real reader and fingerprint extractor."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnresume.io import readcache
 from nnresume.tasks import FingerprintResult, FingerprintTask
-from nnresume.worker import readcache
 from nnresume.worker.files import file_stats
 from nnresume.worker.run import run_fingerprint
 
@@ -91,10 +91,10 @@ def test_no_cache_unless_asked(tmp_path: Path) -> None:
     assert not (tmp_path / "reads").exists()
 
 
-# ---- the orchestrator's side (preprocess/readcache.py) ------------------------------------------------------------
+# ---- the orchestrator's side (ReadCache) ---------------------------------------------------------------------------
 
 def test_in_ram_the_cache_holds_its_allotments_against_the_budget_until_taken(tmp_path: Path) -> None:
-    from nnresume.preprocess.readcache import BYTES_PER_UNIT, ReadCache
+    from nnresume.io.readcache import BYTES_PER_UNIT, ReadCache
 
     ram, staging = tmp_path / "ram", tmp_path / "staging"
     ram.mkdir()
@@ -121,7 +121,7 @@ def test_in_ram_the_cache_holds_its_allotments_against_the_budget_until_taken(tm
 
 
 def test_without_room_in_ram_the_cache_stays_in_staging_and_holds_nothing(tmp_path: Path) -> None:
-    from nnresume.preprocess.readcache import ReadCache
+    from nnresume.io.readcache import ReadCache
 
     cache = ReadCache(tmp_path, budget=2**50, enabled=True, ram_root=tmp_path / "missing")
     assert not cache.in_ram and cache.folder == tmp_path / "reads"
@@ -135,7 +135,7 @@ def test_folders_of_runs_that_are_gone_are_removed_and_a_live_runs_kept(tmp_path
 
     import psutil
 
-    from nnresume.preprocess.readcache import PREFIX, remove_abandoned
+    from nnresume.io.readcache import PREFIX, remove_abandoned
 
     gone = subprocess.Popen(["true"])
     gone.wait()

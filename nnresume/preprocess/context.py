@@ -16,10 +16,10 @@ from ..execution.memory import Estimator, Thresholds
 from ..execution.pools.base import Pool
 from ..execution.runner import Runner, StopFlag
 from ..io import atomic, crashpoints
+from ..io.readcache import ReadCache
 from ..ledger.repository import Ledger
 from ..progress import StageProgress
 from ..session import Session
-from .readcache import ReadCache
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class RunContext:
     pool: Pool  # given by the caller, who starts and stops it (it may serve several datasets)
     estimator: Estimator = field(default_factory=Estimator)
     group: Optional[GroupCommit] = None  # while a stage runs
-    read_cache: Optional[ReadCache] = None  # cases kept as read between the two stages (preprocess/readcache.py)
+    read_cache: Optional[ReadCache] = None  # cases kept as read between the two stages (io/readcache.py)
 
     @property
     def ledger(self) -> Ledger:

@@ -30,13 +30,13 @@ from ..execution.memory import resolve_budget
 from ..execution.pools.base import Pool
 from ..execution.runner import StageStats, StopFlag
 from ..geometry import read_header
+from ..io.readcache import ReadCache
 from ..ledger.models import RunStatus, TaskState
 from ..ledger.repository import CaseRecord, FindingRecord, Ledger
 from ..session import Outcome, run_session
 from ..tasks import ClassCheckTask, IntegrityTask, ReaderTask
 from . import fingerprint, outputs, planning
 from .context import RunContext
-from .readcache import ReadCache
 
 log = logging.getLogger(__name__)
 

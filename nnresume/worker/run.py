@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import dataset, geometry
 from ..errors import CaseError, InputChangedError, NnresumeError
-from ..io import blobs, crashpoints
+from ..io import blobs, crashpoints, readcache
 from ..tasks import (
     AggregateTask,
     CaseWarning,
@@ -49,7 +49,6 @@ from ..tasks import (
 # Importing the adapter here makes the forkserver preload nnunetv2 once for every worker it forks.
 from . import (
     nnunet,  # noqa: E402
-    readcache,
     validate,
 )
 from .files import file_stats, hash_input, input_digest, stage_files, staged_file, stat_input

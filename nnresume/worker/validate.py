@@ -30,8 +30,8 @@ from typing import Any, Optional, TypeVar
 import numpy as np
 
 from ..errors import CaseError
+from ..io.readcache import Capture
 from ..tasks import CaseWarning
-from .readcache import Capture
 
 T = TypeVar("T")
 
@@ -293,7 +293,7 @@ def validating_reader(reader_cls: type, case: str, images: Sequence[str], label:
 
     `observed`, if given, receives what the reader returned: `shape` (c, x, y, z) and `spacing` of the images, and
     `warnings` (CaseWarning) for what nnU-Net accepts but alters or ignores. `capture`, if given, receives copies of
-    the images and segmentation as read (readcache.py).
+    the images and segmentation as read (io/readcache.py).
     """
     allowed = declared_labels(dataset_json) or None if dataset_json is not None else None
     state: dict[str, Any] = observed if observed is not None else {}
