@@ -1,8 +1,13 @@
-"""The loop that runs a stage's tasks: admit by the governor's decision, collect results, classify deaths, retry.
+"""The loop that runs a stage's tasks: admit them by the governor's decision and collect their events.
 
 One loop for both stages. What is stage-specific (building a task, committing a result to the ledger, recording a
-failure) goes through `StageHandler`; what is about processes and memory stays here. The loop never blocks for long:
+failure) goes through `StageHandler`; what a task's end means (a result, a failure, a death to retry or quarantine)
+is decided in outcomes.py; what is about processes and memory stays here: sampling, the governor's stops and
+admissions, tasks queued in the pool ahead of time, the grace period after a signal. The loop never blocks for long:
 it wakes at least five times a second to sample memory and to notice a dead worker, a signal, or a full disk.
+
+`run_one` runs a dataset-level step (reader choice, fingerprint aggregation, planning) alone in a worker, sampled
+like a case.
 """
 from __future__ import annotations
 
@@ -10,14 +15,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 from ..config import format_bytes
 from ..errors import DatasetError, Interrupted, NnresumeError, UsageError, WorkerDied
 from ..ledger.models import TaskState
 from ..ledger.repository import AttemptRecord, MemorySampleRecord
-from ..tasks import DatasetResult, Death, FingerprintResult, OutputResult, TaskFailed, TaskFinished
+from ..tasks import DatasetResult, Death, TaskFailed
 from .memory import DEFAULT_THRESHOLDS, Estimator, Readings, RunningCase, Thresholds, decide
+from .outcomes import RunningTask, StageHandler, StageOutcomes, StageStats, suggest_budget
 from .pools.base import Ended, Event, Pool, Received, Started, describe_signal
 from .scheduler import QueueItem, Scheduler
 
@@ -25,11 +31,6 @@ log = logging.getLogger(__name__)
 
 TICK = 0.2
 SAMPLE_EVERY = 0.1  # seconds: memory is read at most this often (each reading walks every process's smaps)
-
-
-def suggest_budget(seen: int) -> str:
-    """A --max-ram that leaves a quarter more than what was seen, in whole GiB."""
-    return f"{-(-int(seen * 1.25) // 2**30)}G"
 
 
 class StopFlag:
@@ -51,56 +52,17 @@ class StopFlag:
         return self.signal_name is not None
 
 
-class StageHandler(Protocol):
-    stage: str
-
-    def build(self, item: QueueItem, attempt: int) -> Any: ...
-    def started(self, item: QueueItem) -> None: ...
-    def received(self, item: QueueItem, message: Any) -> None: ...
-    def ended_badly(self, item: QueueItem, state: TaskState, message: str, died: bool, peak: Optional[int]) -> None: ...
-    def remaining_units(self, item: QueueItem) -> dict[str, int]: ...
-
-
-@dataclass
-class _Running:
-    item: QueueItem
-    task: Any
-    started: float
-    wall_started: float
-    alone: bool
-    memory: int = 0
-    peak_memory: int = 0
-    failure: Optional[TaskFailed] = None
-    peak_rss: Optional[int] = None
-    private_peak: Optional[int] = None
-    stop_requested: bool = False
-    over_budget: Optional[int] = None  # the tree's memory when the governor stopped it for good, alone over budget
-    queued: bool = False  # held by the pool until a running task ends (Pool.enqueue); not started yet
-    cancelled: bool = False  # taken back from the pool's queue
-
-
 @dataclass
 class _Stage:
     """One stage's loop state."""
 
     scheduler: Scheduler
     handler: StageHandler
-    running: dict[str, _Running] = field(default_factory=dict)
+    outcomes: StageOutcomes
+    running: dict[str, RunningTask] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     stops_pending: int = 0
     grace_deadline: Optional[float] = None
-
-
-@dataclass
-class StageStats:
-    done: int = 0
-    failed: int = 0
-    quarantined: int = 0
-    retried: int = 0
-    stopped: int = 0
-    peak_tree: int = 0
-    halted: Optional[str] = None
-    messages: list[str] = field(default_factory=list)
 
 
 class Runner:
@@ -128,7 +90,7 @@ class Runner:
 
     # ---- memory -----------------------------------------------------------------------------------------------
 
-    def _sample(self, running: dict[str, _Running]) -> Readings:
+    def _sample(self, running: dict[str, RunningTask]) -> Readings:
         now = time.monotonic()
         if self.readings is not None and now - self._last_sample < self.sample_every:
             return self.readings  # events arrive far faster than memory changes when cases are small
@@ -237,7 +199,9 @@ class Runner:
         """Until the queue is empty and nothing runs: collect events, sample memory, honour a signal, then let the
         governor stop or admit cases."""
         stats = StageStats()
-        st = _Stage(scheduler, handler)
+        outcomes = StageOutcomes(scheduler, handler, stats, self.pool, self.estimator, self.budget, self.run_id,
+                                 self.record_attempt, self.progress)
+        st = _Stage(scheduler, handler, outcomes)
         while len(scheduler) or st.running:
             # Slots freed by tasks that ended are filled before their results are committed, so a worker waits for
             # its next task only as long as the governor takes, not for the ledger work of the task it finished.
@@ -247,7 +211,7 @@ class Runner:
             if not stats.halted:
                 self._govern(st, readings)
                 self._prefetch(st, readings)
-            self._process(st, stats, events)
+            self._process(st, events)
             if stats.halted and not st.running:
                 break
             self._update_progress(stats, {t: r for t, r in st.running.items() if not r.queued}, readings)
@@ -257,10 +221,10 @@ class Runner:
         stats.peak_tree = self.peak_tree
         return stats
 
-    def _poll(self, st: _Stage) -> list[tuple[_Running, Event]]:
+    def _poll(self, st: _Stage) -> list[tuple[RunningTask, Event]]:
         """The pool's events for tasks of this stage; the tasks that ended leave `running` (their slots are free).
         A queued task that started is marked so here."""
-        events: list[tuple[_Running, Event]] = []
+        events: list[tuple[RunningTask, Event]] = []
         for event in self.pool.poll(TICK if st.running else 0.0):
             r = st.running.get(event.task_id)
             if r is None:
@@ -273,11 +237,11 @@ class Runner:
                 del st.running[event.task_id]
         return events
 
-    def _process(self, st: _Stage, stats: StageStats, events: list[tuple[_Running, Event]]) -> None:
+    def _process(self, st: _Stage, events: list[tuple[RunningTask, Event]]) -> None:
         """Commits results and classifies endings, in the order the pool reported them."""
         for r, event in events:
             if isinstance(event, Received):
-                self._received(r, event.message, st.handler)
+                st.outcomes.received(r, event.message)
                 continue
             assert isinstance(event, Ended)
             if r.queued:  # taken back from the pool's queue before it started: it never ran
@@ -285,7 +249,7 @@ class Runner:
                 continue
             if r.stop_requested:
                 st.stops_pending = max(0, st.stops_pending - 1)
-            self._ended(r, event.death, st.scheduler, st.handler, stats, stopping=bool(self.stop))
+            st.outcomes.ended(r, event.death, stopping=bool(self.stop))
 
     def _honour_signal(self, st: _Stage, stats: StageStats) -> None:
         """After SIGINT/SIGTERM nothing new starts; running cases get the grace period, then are stopped."""
@@ -372,9 +336,9 @@ class Runner:
             self.pool.enqueue(task, item.estimate)
         else:
             self.pool.submit(task, item.estimate)
-        st.running[item.task_id] = _Running(item, task, time.monotonic(), time.time(), alone, queued=queued)
+        st.running[item.task_id] = RunningTask(item, task, time.monotonic(), time.time(), alone, queued=queued)
 
-    def _unqueued(self, r: _Running, st: _Stage, stopping: bool) -> None:
+    def _unqueued(self, r: RunningTask, st: _Stage, stopping: bool) -> None:
         """A queued task taken back before it started goes back to the queue as it was (its attempt not counted),
         or, at shutdown, is left pending."""
         if stopping:
@@ -384,126 +348,6 @@ class Runner:
         st.handler.ended_badly(r.item, TaskState.pending, "held back by the memory governor", died=False, peak=None)
         st.scheduler.put_back(r.item)
 
-    def _update_progress(self, stats: StageStats, running: dict[str, _Running], readings: Readings) -> None:
+    def _update_progress(self, stats: StageStats, running: dict[str, RunningTask], readings: Readings) -> None:
         if self.progress is not None:
             self.progress.memory(readings.tree, self.budget, len(running))
-
-    def _received(self, r: _Running, message: Any, handler: StageHandler) -> None:
-        if not isinstance(message, (TaskFailed, TaskFinished)):  # a result: the handler commits it
-            handler.received(r.item, message)
-            peak = getattr(message, "peak_rss", None)
-            if peak is not None:
-                r.peak_rss = max(r.peak_rss or 0, peak)
-                private = self.pool.private_peak(r.item.task_id, peak)
-                r.private_peak = max(r.private_peak or 0, private)
-                key, units = self._units_of(r.item, message)
-                if key:
-                    self.estimator.observe(key, units, private - r.item.fixed)
-        elif isinstance(message, TaskFailed):
-            r.failure = message
-        elif isinstance(message, TaskFinished):
-            if message.peak_rss:
-                r.peak_rss = max(r.peak_rss or 0, message.peak_rss)
-
-    @staticmethod
-    def _units_of(item: QueueItem, message: Any) -> tuple[Optional[str], int]:
-        """Which estimate a result's peak teaches, and the size it was for."""
-        if isinstance(message, FingerprintResult):
-            return ("fingerprint", item.units.get("fingerprint", 0)) if not message.unchanged else (None, 0)
-        if isinstance(message, OutputResult):
-            key = f"preprocess:{message.target.data_identifier}"
-            return (key, item.units.get(key, 0)) if key in item.units else (None, 0)
-        return (None, 0)
-
-    def _record(self, r: _Running, outcome: str, death: Optional[Death], message: Optional[str]) -> None:
-        self.record_attempt(AttemptRecord(
-            run_id=self.run_id, case_name=r.item.case, stage=getattr(r.task, "stage", "?"),
-            targets=list(getattr(r.task, "targets", [])), started_at=r.wall_started, ended_at=time.time(),
-            outcome=outcome, exit_code=death.exit_code if death else 0, signal=death.signal if death else None,
-            peak_rss=r.peak_rss, last_rss=r.memory or None, estimate_bytes=r.item.estimate,
-            budget_bytes=self.budget, message=message, private_peak=r.private_peak))
-
-    def _ended(self, r: _Running, death: Optional[Death], scheduler: Scheduler, handler: StageHandler,
-               stats: StageStats, stopping: bool) -> None:
-        item = r.item
-        if death is None and r.failure is None:
-            stats.done += 1
-            self._record(r, "ok", None, None)
-            if self.progress is not None:
-                self.progress.case_done()
-            return
-        if death is None and r.failure is not None:
-            f = r.failure
-            if f.kind == "memory":
-                self._died(r, f.message, scheduler, handler, stats, None)
-                return
-            handler.ended_badly(item, TaskState.failed, f.message, died=False, peak=r.peak_rss)
-            stats.failed += 1
-            if self.progress is not None:
-                self.progress.case_failed()
-            stats.messages.append(f.message)
-            self._record(r, "error", None, f.message)
-            log.error("%s", f.message)
-            if f.traceback:
-                log.debug("%s", f.traceback)
-            if f.kind == "disk":
-                stats.halted = f"{f.message}; free some space and run the same command again"
-            return
-        assert death is not None
-        if death.killed_by_us:
-            if stopping:
-                handler.ended_badly(item, TaskState.pending, "stopped at shutdown", died=False, peak=r.peak_rss)
-                self._record(r, "stopped", death, "stopped at shutdown")
-                return
-            if r.over_budget is not None:
-                self._over_budget(r, handler, stats)
-                return
-            stats.stopped += 1
-            self._record(r, "stopped", death, "stopped by the memory governor")
-            handler.ended_badly(item, TaskState.pending, "stopped by the memory governor", died=False,
-                                peak=r.peak_rss)
-            item.units = handler.remaining_units(item)
-            scheduler.stopped(item, r.peak_memory)
-            return
-        how = death.extra.get("how") or (f"killed by {describe_signal(death.signal)}" if death.signal
-                                         else f"exited with code {death.exit_code} without reporting")
-        self._died(r, how, scheduler, handler, stats, death)
-
-    def _over_budget(self, r: _Running, handler: StageHandler, stats: StageStats) -> None:
-        """A case alone past the budget: more room is not to be had here, so it is quarantined at once."""
-        seen = r.over_budget or 0
-        message = (f"case {r.item.case} ({handler.stage}): stopped at {format_bytes(seen)} of process tree memory, "
-                   f"over the budget {format_bytes(self.budget)} although it ran alone; quarantined")
-        hint = (f"on a machine with more memory, run the same command with --retry-quarantined --max-ram "
-                f"{suggest_budget(seen)} (or --allow-oversize to let cases alone pass the budget)")
-        self._record(r, "stopped", None, f"{message} ({hint})")
-        handler.ended_badly(r.item, TaskState.quarantined, f"{message} ({hint})", died=False, peak=r.peak_rss)
-        stats.quarantined += 1
-        if self.progress is not None:
-            self.progress.case_failed()
-        stats.messages.append(message)
-        log.error("%s\n  hint: %s", message, hint)
-
-    def _died(self, r: _Running, how: str, scheduler: Scheduler, handler: StageHandler, stats: StageStats,
-              death: Optional[Death]) -> None:
-        item = r.item
-        likely = " (the out-of-memory killer, or a kill -9)" if death and death.signal == 9 else ""
-        seen = f" at {format_bytes(r.peak_memory)} private memory" if r.peak_memory else ""
-        detail = f"{how}{likely}{seen}; estimate {format_bytes(item.estimate)}, budget {format_bytes(self.budget)}"
-        self._record(r, "died", death, detail)
-        item.units = handler.remaining_units(item)
-        if scheduler.died(item, r.peak_memory, how):
-            stats.retried += 1
-            handler.ended_badly(item, TaskState.pending, f"worker {detail}; retrying", died=True, peak=r.peak_rss)
-            alone = (" alone" if item.max_concurrency == 1 else " with fewer cases beside it"
-                     if item.max_concurrency < scheduler.max_workers else "")
-            log.warning("case %s (%s): worker %s; retrying%s (death %d of %d)", item.case, handler.stage, detail,
-                        alone, item.deaths, scheduler.max_deaths)
-        else:
-            message = f"case {item.case}: quarantined after {item.deaths} worker deaths; last: worker {detail}"
-            handler.ended_badly(item, TaskState.quarantined, message, died=True, peak=r.peak_rss)
-            stats.quarantined += 1
-            if self.progress is not None:
-                self.progress.case_failed()
-            stats.messages.append(message)
-            log.error("%s", message)
