@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 from typing import Any, Optional
 
@@ -21,7 +20,6 @@ from .config import (
     Paths,
     PreprocessSettings,
     check_budget,
-    format_bytes,
     parse_memory,
     parse_spacing,
 )
@@ -215,64 +213,22 @@ def preprocess_datasets(settings: PreprocessSettings, paths: Paths, scheduler_ad
         pool = LocalPool()
     pool.warm_up()
 
-    from .execution.runner import StopFlag
+    from .execution.runner import stop_on_signals
     from .preprocess.pipeline import run_dataset
+    from .session import log_summary
 
-    stop = StopFlag()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        # only set flags: the main loop logs and stops workers
-        stop.set(signal.Signals(signum).name, 128 + signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     exit_code = EXIT_OK
-    try:
-        for d in settings.datasets:
-            outcome = run_dataset(settings, paths, d, stop, pool)
-            _report(outcome)
-            exit_code = max(exit_code, outcome.exit_code) if outcome.exit_code < 100 else outcome.exit_code
-            if stop:
-                break
-    finally:
-        pool.shutdown()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    with stop_on_signals() as stop:
+        try:
+            for d in settings.datasets:
+                outcome = run_dataset(settings, paths, d, stop, pool)
+                log_summary(outcome)
+                exit_code = max(exit_code, outcome.exit_code) if outcome.exit_code < 100 else outcome.exit_code
+                if stop:
+                    break
+        finally:
+            pool.shutdown()
     return exit_code
-
-
-def _report(o: Any) -> None:
-    counts = o.counts or {}
-    parts = []
-    for stage, c in counts.items():
-        parts.append(f"{stage}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
-    log.info("%s: %s in %.1f s", o.name, o.status.value.replace("_", " "), o.duration_s)
-    for p in parts:
-        log.info("  %s", p)
-    if o.peak_tree:
-        log.info("  peak memory of the process tree %s (budget %s)", format_bytes(o.peak_tree),
-                 format_bytes(o.budget))
-        if o.budget and o.peak_tree > o.budget:
-            log.warning("  the process tree went past the budget (%s over): a case allowed past it "
-                        "(--allow-oversize), or memory held outside any case", format_bytes(o.peak_tree - o.budget))
-    if o.problems:
-        log.warning("  dataset problems:")
-        for line in o.problems:
-            log.warning("    %s", line)
-    if o.failures:
-        log.warning("  failed or quarantined:")
-        for line in o.failures:
-            log.warning("    %s", line)
-    if o.warnings:
-        log.warning("  warnings (preprocessed as nnU-Net would; --strict fails these cases):")
-        for line in o.warnings[:20]:
-            log.warning("    %s", line)
-        if len(o.warnings) > 20:
-            log.warning("    ... and %d more (nnresume status -d %s)", len(o.warnings) - 20, o.name)
-    if o.status.value == "interrupted":
-        log.warning("  %s. Run the same command again to resume; finished cases are kept.", o.reason)
-    elif o.exit_code == EXIT_CASES_FAILED:
-        log.warning("  fix the inputs named above and run the same command again: those cases are redone, and any "
-                    "others whose configuration their return changes")
 
 
 @main.command(cls=NnUNetStyleCommand)
@@ -345,26 +301,20 @@ def predict(input_folder: str, output_folder: str, dataset: Optional[str], confi
 def predict_cases(settings: Any) -> int:
     """A prediction run with a local pool and signals turned into an orderly stop; returns the exit code."""
     from .execution.pools.local import LocalPool
-    from .execution.runner import StopFlag
+    from .execution.runner import stop_on_signals
     from .predict.run import PRELOAD, predict
+    from .session import log_summary
 
-    stop = StopFlag()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.set(signal.Signals(signum).name, 128 + signum)  # only set flags: the main loop acts on them
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    # nnU-Net's inference code is imported once, by the forkserver: the device process and the workers share it
-    pool = LocalPool(preload=PRELOAD)
-    pool.warm_up()
-    try:
-        outcome = predict(settings, stop, pool)
-        _report(outcome)
-        return int(outcome.exit_code)
-    finally:
-        pool.shutdown()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    with stop_on_signals() as stop:
+        # nnU-Net's inference code is imported once, by the forkserver: the device process and the workers share it
+        pool = LocalPool(preload=PRELOAD)
+        pool.warm_up()
+        try:
+            outcome = predict(settings, stop, pool)
+            log_summary(outcome)
+            return int(outcome.exit_code)
+        finally:
+            pool.shutdown()
 
 
 def _with_prediction_ledgers(folders: tuple[str, ...], fn: Any) -> list[Any]:

@@ -8,8 +8,8 @@ release the lock. How it ended decides the exit code (errors.py): a signal gives
 disk becomes a DiskFullError with a hint, any other NnresumeError keeps its own code, and anything else is an
 internal error (1) whose traceback goes to the run's log.
 
-The work itself (the preprocessing stages, later prediction) runs inside `with run_session(...) as session:` and
-sets `session.outcome` when it finishes; nothing here knows what a case is.
+The work itself (the preprocessing stages, prediction) runs inside `with run_session(...) as session:` and sets
+`session.outcome` when it finishes; nothing here knows what a case is. `log_summary` tells the user how it ended.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ from typing import Any, Optional
 from sqlalchemy.exc import OperationalError
 
 from . import __version__
+from .config import format_bytes
 from .dataset import nnunetv2_version
-from .errors import EXIT_ERROR, DiskFullError, Interrupted, NnresumeError
+from .errors import EXIT_CASES_FAILED, EXIT_ERROR, DiskFullError, Interrupted, NnresumeError
 from .io.lock import DatasetLock, process_started_at
 from .ledger.models import RunStatus
 from .ledger.repository import Ledger
@@ -44,7 +45,7 @@ FREE_SPACE_HINT = "free some space and run the same command again"
 
 @dataclass
 class Outcome:
-    """How one run ended, for the summary the CLI prints and the exit code."""
+    """How one run ended, for the summary (`log_summary`) and the exit code."""
 
     name: str
     status: RunStatus = RunStatus.running
@@ -59,6 +60,43 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # errors no case owns (dataset.json's numTraining)
     warnings: list[str] = field(default_factory=list)
+
+
+def log_summary(o: Outcome) -> None:
+    """The end-of-run summary: how the run ended, counts per stage, peak memory against the budget, what failed and
+    what to do next."""
+    counts = o.counts or {}
+    parts = []
+    for stage, c in counts.items():
+        parts.append(f"{stage}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
+    log.info("%s: %s in %.1f s", o.name, o.status.value.replace("_", " "), o.duration_s)
+    for p in parts:
+        log.info("  %s", p)
+    if o.peak_tree:
+        log.info("  peak memory of the process tree %s (budget %s)", format_bytes(o.peak_tree),
+                 format_bytes(o.budget))
+        if o.budget and o.peak_tree > o.budget:
+            log.warning("  the process tree went past the budget (%s over): a case allowed past it "
+                        "(--allow-oversize), or memory held outside any case", format_bytes(o.peak_tree - o.budget))
+    if o.problems:
+        log.warning("  dataset problems:")
+        for line in o.problems:
+            log.warning("    %s", line)
+    if o.failures:
+        log.warning("  failed or quarantined:")
+        for line in o.failures:
+            log.warning("    %s", line)
+    if o.warnings:
+        log.warning("  warnings (preprocessed as nnU-Net would; --strict fails these cases):")
+        for line in o.warnings[:20]:
+            log.warning("    %s", line)
+        if len(o.warnings) > 20:
+            log.warning("    ... and %d more (nnresume status -d %s)", len(o.warnings) - 20, o.name)
+    if o.status.value == "interrupted":
+        log.warning("  %s. Run the same command again to resume; finished cases are kept.", o.reason)
+    elif o.exit_code == EXIT_CASES_FAILED:
+        log.warning("  fix the inputs named above and run the same command again: those cases are redone, and any "
+                    "others whose configuration their return changes")
 
 
 @dataclass

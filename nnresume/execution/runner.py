@@ -11,9 +11,11 @@ like a case.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -50,6 +52,22 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """A StopFlag that SIGINT and SIGTERM set while the block runs; their earlier handlers are put back after it."""
+    stop = StopFlag()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set(signal.Signals(signum).name, 128 + signum)  # only set flags: the main loop logs and stops workers
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @dataclass
