@@ -191,44 +191,9 @@ def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], plann
         return
     if scheduler_address and scheduler_file:
         raise click.UsageError("give --scheduler-address or --scheduler-file, not both")
+    from .preprocess.run import preprocess_datasets
+
     sys.exit(preprocess_datasets(settings, paths, scheduler_address, scheduler_file))
-
-
-def preprocess_datasets(settings: PreprocessSettings, paths: Paths, scheduler_address: Optional[str] = None,
-                        scheduler_file: Optional[str] = None) -> int:
-    """Every dataset of `settings` in turn, with one pool (local, or a Dask cluster's) and signals turned into an
-    orderly stop; returns the exit code (the worst of the datasets', or the signal's)."""
-    # The forkserver's ~3 s import of nnunetv2 overlaps this process's own imports (the ledger's SQLAlchemy, the
-    # pipeline), the lock, the ledger and the scan: it starts first. One pool serves all datasets.
-    from .execution.pools.local import LocalPool
-
-    os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
-    pool: Any
-    if scheduler_address or scheduler_file:
-        from .execution.pools.dask import DaskPool
-
-        pool = DaskPool(address=scheduler_address, scheduler_file=scheduler_file)
-        settings = pool.settings_for(settings)
-    else:
-        pool = LocalPool()
-    pool.warm_up()
-
-    from .execution.runner import stop_on_signals
-    from .preprocess.pipeline import run_dataset
-    from .session import log_summary
-
-    exit_code = EXIT_OK
-    with stop_on_signals() as stop:
-        try:
-            for d in settings.datasets:
-                outcome = run_dataset(settings, paths, d, stop, pool)
-                log_summary(outcome)
-                exit_code = max(exit_code, outcome.exit_code) if outcome.exit_code < 100 else outcome.exit_code
-                if stop:
-                    break
-        finally:
-            pool.shutdown()
-    return exit_code
 
 
 @main.command(cls=NnUNetStyleCommand)
@@ -472,7 +437,7 @@ def demo(folder: str, cases: int, num_workers: Optional[int], max_ram: Optional[
                                   progress_bar=not no_pbar)
     from .commands.status import build_status, render_status
 
-    code, paths, dataset_id = run_demo(Path(folder), cases, settings, preprocess_datasets)
+    code, paths, dataset_id = run_demo(Path(folder), cases, settings)
     (status_report,) = _with_ledgers((dataset_id,), build_status, paths)
     click.echo(render_status(status_report))
     click.echo(f"\nTo look further:  export nnUNet_raw={paths.raw} nnUNet_preprocessed={paths.preprocessed}; "

@@ -7,24 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Paths, PreprocessSettings
+from ..preprocess.run import preprocess_datasets
 from ..synthetic import DemoSpec, make_dataset
 
 log = logging.getLogger(__name__)
 
 
-def run_demo(folder: Path, cases: int, settings: PreprocessSettings,
-             preprocess: Callable[[PreprocessSettings, Paths], int]) -> tuple[int, Paths, str]:
-    """Generates the dataset if it is not there and preprocesses it with `preprocess` (the CLI's, with its signal
-    handling); returns the exit code, the demo's paths and its dataset id (for the status the CLI shows)."""
+def run_demo(folder: Path, cases: int, settings: PreprocessSettings) -> tuple[int, Paths, str]:
+    """Generates the dataset if it is not there and preprocesses it as `nnresume preprocess` does; returns the exit
+    code, the demo's paths and its dataset id (for the status the CLI shows)."""
     root = folder.resolve()
     paths = Paths(raw=str(root / "nnUNet_raw"), preprocessed=str(root / "nnUNet_preprocessed"))
     spec = DemoSpec(num_cases=cases)
     if not (Path(paths.raw) / spec.folder_name / "dataset.json").is_file():
         log.info("Writing %d synthetic cases to %s", cases, Path(paths.raw) / spec.folder_name)
         make_dataset(spec, Path(paths.raw))
-    code = preprocess(dataclasses.replace(settings, datasets=(str(spec.dataset_id),)), paths)
+    code = preprocess_datasets(dataclasses.replace(settings, datasets=(str(spec.dataset_id),)), paths)
     return code, paths, str(spec.dataset_id)
