@@ -260,26 +260,9 @@ def predict(input_folder: str, output_folder: str, dataset: Optional[str], confi
 
         click.echo(run_dry(settings))
         return
+    from .predict.run import predict_cases
+
     sys.exit(predict_cases(settings))
-
-
-def predict_cases(settings: Any) -> int:
-    """A prediction run with a local pool and signals turned into an orderly stop; returns the exit code."""
-    from .execution.pools.local import LocalPool
-    from .execution.runner import stop_on_signals
-    from .predict.run import PRELOAD, predict
-    from .session import log_summary
-
-    with stop_on_signals() as stop:
-        # nnU-Net's inference code is imported once, by the forkserver: the device process and the workers share it
-        pool = LocalPool(preload=PRELOAD)
-        pool.warm_up()
-        try:
-            outcome = predict(settings, stop, pool)
-            log_summary(outcome)
-            return int(outcome.exit_code)
-        finally:
-            pool.shutdown()
 
 
 def _with_prediction_ledgers(folders: tuple[str, ...], fn: Any) -> list[Any]:

@@ -26,14 +26,14 @@ from ..errors import EXIT_CASES_FAILED, EXIT_OK, DatasetError, DiskFullError, In
 from ..execution import system
 from ..execution.memory import resolve_budget
 from ..execution.pools.local import LocalPool
-from ..execution.runner import StopFlag
+from ..execution.runner import StopFlag, stop_on_signals
 from ..execution.scheduler import QueueItem, Scheduler
 from ..geometry import header_voxels, read_header
 from ..io import atomic
 from ..ledger.models import RunStatus, TaskState
 from ..ledger.repository import CaseRecord, ConfigurationRecord, OutputRecord
 from ..preprocess.context import RunContext, place_files
-from ..session import Outcome, run_session
+from ..session import Outcome, log_summary, run_session
 from ..tasks import DeviceLink, OutputResult, PredictTask, Target
 from .cases import hash_inputs, list_input_cases
 from .device_owner import DeviceOwner
@@ -303,3 +303,17 @@ def _run(ctx: RunContext, pool: LocalPool, settings: PredictSettings, model: Mod
         raise Interrupted(ctx.stop.signal_name or "signal", ctx.stop.exit_code)
     if stats.halted:
         raise DiskFullError(stats.halted)
+
+
+def predict_cases(settings: PredictSettings) -> int:
+    """A prediction run with a local pool and signals turned into an orderly stop; returns the exit code."""
+    with stop_on_signals() as stop:
+        # nnU-Net's inference code is imported once, by the forkserver: the device process and the workers share it
+        pool = LocalPool(preload=PRELOAD)
+        pool.warm_up()
+        try:
+            outcome = predict(settings, stop, pool)
+            log_summary(outcome)
+            return int(outcome.exit_code)
+        finally:
+            pool.shutdown()
