@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from typing import Any, Optional
 
@@ -353,25 +352,13 @@ def check(datasets: tuple[str, ...], full: bool, num_workers: Optional[int], as_
 
     Exit code 0 when no errors were found (warnings allowed), 3 when some were.
     """
-    from .commands.check import agreement, as_dict, check_dataset, render
+    from .commands.check import agreement, as_dict, check_datasets, render
     from .dataset import layout_for
     from .execution.system import usable_cpus
 
     paths = Paths.from_environment()
     layouts = [layout_for(d, paths.raw, paths.preprocessed) for d in datasets]
-    pool = None
-    if full:  # cases are read in worker processes: the CLI never imports nnunetv2
-        from .execution.pools.local import LocalPool
-
-        os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
-        pool = LocalPool()
-        pool.warm_up()
-    try:
-        results = [check_dataset(layout, full, num_workers or usable_cpus(), not no_pbar and not as_json, pool)
-                   for layout in layouts]
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    results = check_datasets(layouts, paths, full, num_workers or usable_cpus(), not no_pbar and not as_json)
     across = agreement(results)
     if as_json:
         click.echo(json.dumps(as_dict(results, across), indent=2))

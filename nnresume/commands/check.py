@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
+from ..config import Paths
 from ..dataset import CaseFiles, DatasetLayout, list_cases, load_dataset_json, orphan_labels
 from ..errors import CaseError, NnresumeError
 from ..execution import system
@@ -232,6 +233,24 @@ def check_dataset(layout: DatasetLayout, full: bool, workers: int, progress: boo
         result.findings += per_case[case]
     _check_preprocessed(layout, result)
     return result
+
+
+def check_datasets(layouts: list[DatasetLayout], paths: Paths, full: bool, workers: int, progress: bool
+                   ) -> list[DatasetCheck]:
+    """Every problem of each dataset. With `full`, cases are read in the workers of one local pool, started and
+    stopped here: this process never imports nnunetv2."""
+    pool = None
+    if full:
+        from ..execution.pools.local import LocalPool
+
+        os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"] = paths.raw, paths.preprocessed
+        pool = LocalPool()
+        pool.warm_up()
+    try:
+        return [check_dataset(layout, full, workers, progress, pool) for layout in layouts]
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def _dataset_findings(layout: DatasetLayout, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]
