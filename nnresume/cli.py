@@ -1,8 +1,11 @@
-"""The `nnresume` command. Each command parses options and calls one library function; errors become exit codes in
-one place (`NnresumeGroup.invoke`).
+"""The `nnresume` command line: each command parses its options into settings and calls one library function;
+errors become exit codes in one place (`NnresumeGroup.invoke`).
 
 Exit codes (errors.py): 0 done; 1 error (the run could not go on); 2 usage; 3 finished, but some cases failed or are
 quarantined; 130 stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM (e.g. a scheduler's time limit).
+
+Size: over 400 lines only because of click's option declarations (65 options, most of them nnU-Net's, taken one
+by one by `preprocess` and `predict`); the code beside them is short.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-ORCHESTRATOR = ["nnresume.cli", "nnresume.session", "nnresume.preprocess.pipeline", "nnresume.commands.status",
+ORCHESTRATOR = ["nnresume.cli", "nnresume.session", "nnresume.preprocess.run", "nnresume.preprocess.pipeline",
+                "nnresume.predict.run", "nnresume.predict.device_owner", "nnresume.commands.status",
                 "nnresume.commands.check", "nnresume.commands.verify", "nnresume.commands.dryrun",
                 "nnresume.commands.report", "nnresume.commands.demo", "nnresume.execution.pools.local"]
 
@@ -39,3 +40,24 @@ def test_every_subpackage_is_installed() -> None:
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "nnresume").rglob("__init__.py")}
     assert found - listed == set()
+
+
+MAX_LINES = 400
+
+
+def test_no_module_is_over_400_lines_without_a_reason() -> None:
+    """A module grows past what a reader holds in mind one change at a time; past MAX_LINES its docstring must say
+    why it is one module, on a line starting with `Size:`."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "nnresume"
+    too_long = []
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") <= MAX_LINES:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if not any(line.startswith("Size:") for line in doc.splitlines()):
+            too_long.append(f"{path.relative_to(package.parent)}: {text.count(chr(10))} lines")
+    assert too_long == []

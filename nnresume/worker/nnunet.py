@@ -1,4 +1,4 @@
-"""The adapter to nnU-Net v2: the only module that imports nnunetv2.
+"""The adapter to nnU-Net v2 for preprocessing: with inference/ (prediction's), the only code that imports nnunetv2.
 
 It runs nnU-Net's own classes (fingerprint extractor, reader/writers, planners, preprocessors, the blosc2 writer) on one
 case at a time and never decides where a file ends up: callers give it staging paths, and the orchestrator moves
@@ -6,6 +6,10 @@ finished files into place. Two pieces of nnU-Net are re-expressed here because n
 do more than we may do (`DatasetFingerprintExtractor.run` spawns its own pool and writes non-atomically;
 `ExperimentPlanner.save_plans` writes non-atomically): the fingerprint aggregation and the plans merge are copied from
 nnunetv2 2.8.1 line for line, and `tests/test_identity.py` checks the results against nnU-Net's own command.
+
+Size: one module on purpose: all that preprocessing takes from nnU-Net (class lookup, readers, the fingerprint, its
+aggregation copied from nnunetv2, planning, preprocessing) is here, so that what preprocessing needs of a new
+nnunetv2 version is checked in one file.
 """
 from __future__ import annotations
 
