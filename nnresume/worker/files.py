@@ -1,5 +1,5 @@
-"""A case's files on the worker side: its input files checked (present, readable, unchanged) and hashed, and its
-output files staged, with the size and checksum the orchestrator records.
+"""A case's files on the worker side: its input files stat'ed and hashed (a missing or unreadable one fails the case),
+and its output files staged, with the size and checksum the orchestrator records.
 
 Imports nothing from the rest of the worker side.
 """
