@@ -241,7 +241,7 @@ def run_plan(task: PlanTask, send: Callable[[Any], None]) -> None:
 def run_task(task: Any, send: Callable[[Any], None]) -> None:
     """Runs a task and reports its outcome through `send`. Never raises for a case's own failure."""
     t0 = time.time()
-    crashpoints.start_task(task.case)
+    crashpoints.start_task(task.case, task.stage)
     staging = getattr(task, "staging", None) or getattr(task, "staging_dir", None) or "/"  # case or dataset task
     per_case = (FingerprintTask, PreprocessTask, PredictTask)
     who = f"case {task.case}" if isinstance(task, per_case) else f"{task.stage} step"
