@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -199,21 +200,34 @@ class MemoryCgroup:
         except (OSError, ValueError):
             return None
 
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """`cmd`, started inside this cgroup."""
+        return ["sh", "-c", f'echo $$ > "{self.path / "cgroup.procs"}" && exec "$@"', "sh", *cmd]
+
     def run(self, cmd: list[str], env: dict[str, str], timeout: float = 900) -> CgroupRun:
+        """Runs `cmd` in this cgroup. Its output goes through a file: a process it leaves behind (a pool worker
+        orphaned by the OOM killer) would hold a pipe open and make reading it wait for that process."""
         before = self.oom_kills()
-        wrapped = ["sh", "-c", f'echo $$ > "{self.path / "cgroup.procs"}" && exec "$@"', "sh", *cmd]
+        wrapped = self.wrap(cmd)
         t0 = time.monotonic()
-        try:
-            r = subprocess.run(wrapped, env=env, capture_output=True, text=True, timeout=timeout,
-                               start_new_session=True)
-            code, out = r.returncode, r.stdout + r.stderr
-        except subprocess.TimeoutExpired as e:
-            code, out = -1, f"timed out after {timeout} s: {e}"
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.Popen(wrapped, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                code = -1
+                log.write(f"\ntimed out after {timeout} s")
+            log.seek(0)
+            out = log.read()
         wall = time.monotonic() - t0
-        self._wait_empty()
+        self.wait_empty()
         return CgroupRun(code, wall, self.oom_kills() - before, self.max_usage(), out)
 
-    def _wait_empty(self, timeout: float = 30) -> None:
+    def wait_empty(self, timeout: float = 30) -> None:
+        """Waits until no process is left in the cgroup, killing what is still there after half the time."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             procs = (self.path / "cgroup.procs").read_text().split()
