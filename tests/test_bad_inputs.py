@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from .conftest import MULTI, SMALL, copy_dataset, run_nnresume
+from nnresume.synthetic import DemoSpec, make_dataset
+
+from .conftest import MULTI, SMALL, References, copy_dataset, run_nnresume, shared_raw
+from .references import Lane, job, plan_and_preprocess
 
 pytestmark = pytest.mark.slow
 
@@ -98,8 +101,6 @@ def test_each_bad_case_fails_alone_with_a_clear_message(raw_root: Path, tmp_path
 
 def test_nan_and_infinite_values(tmp_path: Path) -> None:
     """ITK's NIfTI reader turns NaN into 0 before nnU-Net sees it; in MetaImage files NaN arrives as NaN."""
-    from nnresume.synthetic import DemoSpec, make_dataset
-
     spec = DemoSpec(dataset_id=904, name="Mha", num_cases=4, file_ending=".mha", seed=4)
     raw = tmp_path / "raw"
     make_dataset(spec, raw)
@@ -162,14 +163,10 @@ def test_a_broken_dataset_fails_at_once(breakage: str, message: str, raw_root: P
     assert r.stderr.strip().startswith("nnresume:"), r.stderr
 
 
-def test_what_nnunet_alters_silently_is_preprocessed_as_nnunet_does_and_warned(raw_root: Path, tmp_path: Path) -> None:
-    """NaN read as 0, a label that does not lie where its image is, a label with only background: nnU-Net takes
-    them without a word. nnresume gives the same outputs, records a warning for each, and fails them with --strict."""
-    from nnresume.compare import compare_folders
-
-    from .conftest import run_nnunet
-
-    raw = copy_dataset(raw_root, SMALL, tmp_path / "raw")
+def _altered(references: References, folder: Path, lane: Lane) -> Path:
+    """SMALL with a NaN in a float NIfTI, a label moved away from its image and a label of only background, and
+    nnU-Net's outputs for it; returns the folder holding both."""
+    raw = copy_dataset(shared_raw(references), SMALL, folder / "raw")
     ds = raw / SMALL.folder_name
     _rewrite(ds / "imagesTr" / "small_0001_0000.nii.gz", _with_nan)  # float32 NIfTI: ITK reads the NaN as 0
     label = ds / "labelsTr" / "small_0002.nii.gz"
@@ -177,12 +174,24 @@ def test_what_nnunet_alters_silently_is_preprocessed_as_nnunet_does_and_warned(r
     img.SetOrigin((5.0, -3.0, 2.0))
     sitk.WriteImage(img, str(label), useCompression=True)
     _rewrite(ds / "labelsTr" / "small_0003.nii.gz", lambda a: np.zeros_like(a))
-    did = str(SMALL.dataset_id)
+    plan_and_preprocess(lane, raw, folder / "ref", [SMALL.dataset_id])
+    return folder
 
-    run_nnunet(raw, tmp_path / "ref", SMALL.dataset_id, [])
-    pp = tmp_path / "pp"
+
+job("altered", _altered, cost=26)
+
+
+@pytest.mark.references("altered")
+def test_what_nnunet_alters_silently_is_preprocessed_as_nnunet_does_and_warned(references: References,
+                                                                                tmp_path: Path) -> None:
+    """NaN read as 0, a label that does not lie where its image is, a label with only background: nnU-Net takes
+    them without a word. nnresume gives the same outputs, records a warning for each, and fails them with --strict."""
+    from nnresume.compare import compare_folders
+
+    made = references.get("altered")
+    raw, pp, did = made / "raw", tmp_path / "pp", str(SMALL.dataset_id)
     r = run_nnresume(raw, pp, "preprocess", "-d", did, "-np", "2", "--no-pbar")
-    reference = tmp_path / "ref" / SMALL.folder_name
+    reference = made / "ref" / SMALL.folder_name
     folders = sorted(p.name for p in reference.iterdir() if p.is_dir())
     assert compare_folders(pp / SMALL.folder_name, reference, folders, ["nnUNetPlans.json"]) == []
     summary = r.stderr[r.stderr.index("completed"):]
@@ -213,44 +222,54 @@ def test_what_nnunet_alters_silently_is_preprocessed_as_nnunet_does_and_warned(r
     assert status["stages"]["nnUNetPlans_3d_fullres"]["counts"]["done"] == SMALL.num_cases - 3
 
 
-def test_a_colour_label_is_preprocessed_as_nnunet_does_and_warned(tmp_path: Path) -> None:
-    """A label PNG saved in RGB (the class numbers in each colour channel): nnU-Net's reader returns three values
-    per pixel and nnU-Net writes a three-channel segmentation without a word, which its training later refuses
-    (its cross-entropy asserts one channel). nnresume writes the same files and warns for exactly those cases."""
-    import blosc2
+COLOUR = DemoSpec(dataset_id=921, name="ColourLabel", num_cases=6, min_shape=(1, 48, 48), max_shape=(1, 64, 64),
+                  ndim=2, file_ending=".png", seed=4)
+COLOURED = {"colourlabel_0001", "colourlabel_0004"}
+
+
+def _colour_labels(references: References, folder: Path, lane: Lane) -> Path:
+    """A grey PNG dataset whose labels of two cases are saved in RGB (the class numbers in each colour channel),
+    and nnU-Net's outputs for it; returns the folder holding both."""
     from PIL import Image
 
-    from nnresume.compare import compare_folders
-    from nnresume.synthetic import DemoSpec, make_dataset
-
-    from .conftest import run_nnunet
-
-    spec = DemoSpec(dataset_id=921, name="ColourLabel", num_cases=6, min_shape=(1, 48, 48), max_shape=(1, 64, 64),
-                    ndim=2, file_ending=".png", seed=4)
-    ds = make_dataset(spec, tmp_path / "raw")
-    coloured = {"colourlabel_0001", "colourlabel_0004"}
-    for name in coloured:
+    ds = make_dataset(COLOUR, folder / "raw")
+    for name in COLOURED:
         path = ds / "labelsTr" / f"{name}.png"
         grey = np.asarray(Image.open(path))
         Image.fromarray(np.stack([grey] * 3, axis=-1)).save(path)
+    plan_and_preprocess(lane, folder / "raw", folder / "ref", [COLOUR.dataset_id])
+    return folder
 
-    run_nnunet(tmp_path / "raw", tmp_path / "ref", spec.dataset_id, [])
+
+job("colour-label", _colour_labels, cost=17)
+
+
+@pytest.mark.references("colour-label")
+def test_a_colour_label_is_preprocessed_as_nnunet_does_and_warned(references: References, tmp_path: Path) -> None:
+    """A label PNG saved in RGB: nnU-Net's reader returns three values per pixel and nnU-Net writes a three-channel
+    segmentation without a word, which its training later refuses (its cross-entropy asserts one channel). nnresume
+    writes the same files and warns for exactly those cases."""
+    import blosc2
+
+    from nnresume.compare import compare_folders
+
+    spec, coloured, made = COLOUR, COLOURED, references.get("colour-label")
     pp = tmp_path / "pp"
-    r = run_nnresume(tmp_path / "raw", pp, "preprocess", "-d", str(spec.dataset_id), "-np", "2", "--no-pbar")
-    reference = tmp_path / "ref" / spec.folder_name
+    r = run_nnresume(made / "raw", pp, "preprocess", "-d", str(spec.dataset_id), "-np", "2", "--no-pbar")
+    reference = made / "ref" / spec.folder_name
     folders = sorted(p.name for p in reference.iterdir() if p.is_dir())
     assert compare_folders(pp / spec.folder_name, reference, folders, ["nnUNetPlans.json"]) == []
     seg = blosc2.open(str(pp / spec.folder_name / "nnUNetPlans_2d" / "colourlabel_0001_seg.b2nd"))
     assert seg.shape[0] == 3  # what nnU-Net wrote too (compared above): the colour channels kept
 
-    status = json.loads(run_nnresume(tmp_path / "raw", pp, "status", "-d", str(spec.dataset_id), "--json").stdout)
+    status = json.loads(run_nnresume(made / "raw", pp, "status", "-d", str(spec.dataset_id), "--json").stdout)
     warned = {w["case"]: w for w in status["warnings"]}
     assert set(warned) == coloured, r.stderr
     assert all(w["kind"] == "label_channels" and "3 values per pixel" in w["message"] for w in warned.values())
     # from the header alone, and with every case read (once each: the header's warning does not keep a case from
     # being read, and is not repeated)
     for full in ([], ["--full"]):
-        check = json.loads(run_nnresume(tmp_path / "raw", pp, "check", "-d", str(spec.dataset_id), *full,
+        check = json.loads(run_nnresume(made / "raw", pp, "check", "-d", str(spec.dataset_id), *full,
                                         "--json").stdout)
         found = check["datasets"][0]["findings"]
         assert sorted(f["case"] for f in found) == sorted(coloured), (full, found)

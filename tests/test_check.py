@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MULTI, SMALL, copy_dataset, run_nnresume
+from .conftest import LOWRES, MULTI, SMALL, Workspace, copy_dataset, run_nnresume
 from .test_bad_inputs import _rewrite, _undeclared
 
 pytestmark = pytest.mark.slow
@@ -56,19 +56,17 @@ def test_clean_dataset_passes_and_several_datasets_are_compared(raw_root: Path, 
     both = _check(raw_root, pp, "-d", str(SMALL.dataset_id), str(MULTI.dataset_id), expect=3)
     (disagree,) = both["across_datasets"]
     assert disagree["level"] == "error" and "disagree in count" in disagree["message"]
-    same = _check(raw_root, pp, "-d", str(SMALL.dataset_id), "-d", "903", expect=0)
+    same = _check(raw_root, pp, "-d", str(SMALL.dataset_id), "-d", str(LOWRES.dataset_id), expect=0)
     assert same["across_datasets"][0]["level"] == "info"
 
 
-def test_preprocessed_dataset_against_plans_and_ledger(raw_root: Path, tmp_path: Path) -> None:
-    pp = tmp_path / "pp"
-    run_nnresume(raw_root, pp, "preprocess", "-d", str(SMALL.dataset_id), "-np", "2", "--no-pbar", "-c", "2d")
-    dataset = pp / SMALL.folder_name
+def test_preprocessed_dataset_against_plans_and_ledger(finished_small: Workspace) -> None:
+    raw, pp, dataset = finished_small.raw, finished_small.pp, finished_small.dataset
     plans = json.loads((dataset / "nnUNetPlans.json").read_text())
     plans["configurations"]["2d"]["normalization_schemes"] = ["CTNormalization", "ZScoreNormalization"]
     (dataset / "nnUNetPlans.json").write_text(json.dumps(plans))
     (dataset / "nnUNetPlans_2d" / "small_0002.b2nd").unlink()
-    result = _check(raw_root, pp, "-d", str(SMALL.dataset_id), expect=3)["datasets"][0]
+    result = _check(raw, pp, "-d", str(SMALL.dataset_id), expect=3)["datasets"][0]
     messages = [f["message"] for f in result["findings"]]
     assert any("2 normalization_schemes for 1 channel" in m for m in messages)
     assert any("small_0002" in m and "missing" in m for m in messages)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from nnresume.cli import NnUNetStyleCommand, main
 
-from .conftest import SMALL, copy_dataset, ledger_query, run_nnresume
+from .conftest import SMALL, Workspace, ledger_query, run_nnresume
 
 
 def test_every_command_has_help() -> None:
@@ -55,17 +55,15 @@ def test_usage_errors_exit_2_without_traceback(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.slow
-def test_status_report_and_dry_run(raw_root: Path, tmp_path: Path) -> None:
-    raw = copy_dataset(raw_root, SMALL, tmp_path / "raw")
-    pp = tmp_path / "pp"
+def test_status_report_and_dry_run(raw_root: Path, finished_small: Workspace, tmp_path: Path) -> None:
     did = str(SMALL.dataset_id)
-
-    dry = run_nnresume(raw, pp, "preprocess", "-d", did, "--dry-run").stdout
+    dry = run_nnresume(raw_root, tmp_path / "empty", "preprocess", "-d", did, "--dry-run").stdout
     assert f"fingerprint: {SMALL.num_cases} to analyse" in dry and "new case" in dry
-    assert not (pp / SMALL.folder_name / "nnresume.sqlite").exists(), "a dry run must not create the ledger"
+    assert not (tmp_path / "empty" / SMALL.folder_name / "nnresume.sqlite").exists(), \
+        "a dry run must not create the ledger"
 
-    r = run_nnresume(raw, pp, "preprocess", "-d", did, "-np", "2")  # with progress bars
-    bars = r.stderr.replace("\r", "\n")
+    raw, pp = finished_small.raw, finished_small.pp
+    bars = finished_small.first_run.stderr.replace("\r", "\n")  # the run that made it had progress bars
     for stage in ("Fingerprint", "Preprocess"):
         assert re.search(rf"{stage}: 100%.*{SMALL.num_cases}/{SMALL.num_cases}.*done={SMALL.num_cases} failed=0 "
                          r"skipped=0 RAM [\d.]+ [KMG]iB/[\d.]+ GiB", bars), f"no finished {stage} bar"

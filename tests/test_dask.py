@@ -4,7 +4,6 @@ the case reruns; a coordinator SIGKILLed mid-run resumes; a case too large for e
 instead of waiting forever; a scheduler gone mid-run is a clear error."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -19,11 +18,21 @@ import pytest
 
 from nnresume.compare import compare_folders
 from nnresume.errors import EXIT_CASES_FAILED
-from nnresume.synthetic import write_case
 
-from .conftest import SMALL, References, copy_dataset, kill_group, ledger_query, run_nnresume, start_nnresume, wait_for
+from .conftest import (
+    SMALL,
+    References,
+    copy_dataset,
+    kill_group,
+    last_run,
+    ledger_query,
+    run_nnresume,
+    start_nnresume,
+    wait_for,
+)
 
 pytest.importorskip("distributed")
+pytestmark = pytest.mark.references("small")
 
 FOLDERS = ["nnUNetPlans_2d", "nnUNetPlans_3d_fullres", "gt_segmentations"]
 WORKER_MEMORY = 3 * 10**9
@@ -87,25 +96,39 @@ def test_the_cli_imports_distributed_only_for_a_cluster_run() -> None:
     assert r.stdout.strip() == "[]"
 
 
+class Clusters:
+    """The module's cluster, started once and again only if a test killed its scheduler."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.started, self.current = folder, 0, None
+
+    def get(self) -> Cluster:
+        if self.current is None or self.current.processes[0].poll() is not None:
+            if self.current is not None:
+                self.current.stop()
+            self.started += 1
+            self.current = start_cluster(self.folder / f"cluster-{self.started}")
+        return self.current
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = start_cluster(tmp_path_factory.mktemp("dask"))
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
+    c = Clusters(tmp_path_factory.mktemp("dask"))
     yield c
     c.stop()
 
 
+@pytest.fixture
+def cluster(clusters: Clusters) -> Cluster:
+    return clusters.get()
+
+
 def args(cluster: Cluster) -> tuple[str, ...]:
     return ("preprocess", "-d", str(SMALL.dataset_id), "--no-pbar", "--scheduler-address", cluster.address)
-
-
-@pytest.mark.slow
-def test_identical_to_nnunet(cluster: Cluster, raw_root: Path, references: References, tmp_path: Path) -> None:
-    pp = tmp_path / "pp"
-    r = run_nnresume(raw_root, pp, *args(cluster))
-    assert "Dask cluster at" in r.stderr and "2 thread(s)" in r.stderr
-    assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
-    ledger = pp / SMALL.folder_name / "nnresume.sqlite"
-    assert ledger_query(ledger, "select count(*) from attempts where outcome != 'ok'")[0][0] == 0
 
 
 def _busy_worker_pid(cluster: Cluster) -> int:
@@ -146,7 +169,7 @@ def test_dask_worker_killed_mid_case(cluster: Cluster, raw_root: Path, reference
     assert len(died) >= 1, out
     assert all("lost with its Dask worker" in m or "SIGKILL" in m for _, _, m in died), died
     assert "retrying" in out
-    assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
+    assert compare_folders(pp / SMALL.folder_name, references.get("small"), FOLDERS, ["nnUNetPlans.json"]) == []
     # the nanny restarted the worker: the cluster is whole again for the next tests
     from distributed import Client
 
@@ -155,8 +178,8 @@ def test_dask_worker_killed_mid_case(cluster: Cluster, raw_root: Path, reference
 
 
 @pytest.mark.slow
-def test_coordinator_killed_then_rerun(cluster: Cluster, raw_root: Path, references: References,
-                                       tmp_path: Path) -> None:
+def test_coordinator_killed_then_rerun_identical_to_nnunet(cluster: Cluster, raw_root: Path,
+                                                           references: References, tmp_path: Path) -> None:
     pp = tmp_path / "pp"
     ledger = pp / SMALL.folder_name / "nnresume.sqlite"
     proc = start_nnresume(raw_root, pp, *args(cluster))
@@ -168,7 +191,10 @@ def test_coordinator_killed_then_rerun(cluster: Cluster, raw_root: Path, referen
         kill_group(proc)
     r = run_nnresume(raw_root, pp, *args(cluster))
     assert "completed" in r.stderr
-    assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
+    assert "Dask cluster at" in r.stderr and "2 thread(s)" in r.stderr
+    assert compare_folders(pp / SMALL.folder_name, references.get("small"), FOLDERS, ["nnUNetPlans.json"]) == []
+    assert ledger_query(ledger, "select count(*) from attempts where outcome != 'ok' and run_id=?",
+                        (last_run(ledger),))[0][0] == 0
     status = json.loads(run_nnresume(raw_root, pp, "status", "-d", str(SMALL.dataset_id), "--json").stdout)
     for ident in FOLDERS:
         assert status["stages"][ident]["counts"]["done"] == SMALL.num_cases
@@ -176,30 +202,36 @@ def test_coordinator_killed_then_rerun(cluster: Cluster, raw_root: Path, referen
     assert verify.returncode == 0
 
 
+def _write_huge_case(dataset: Path, case: str) -> None:
+    """A case of 135 million voxels of zeros (a few hundred KB compressed): its fingerprint's estimate from the
+    header alone exceeds every worker's MEMORY resource, so nothing ever reads its pixels."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    for path in (dataset / "imagesTr" / f"{case}_0000.nii.gz", dataset / "labelsTr" / f"{case}.nii.gz"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((260, 720, 720), np.uint8)), str(path), useCompression=True)
+
+
 @pytest.mark.slow
-def test_case_larger_than_every_worker_fails_clearly(raw_root: Path, tmp_path: Path) -> None:
+def test_case_larger_than_every_worker_fails_clearly(cluster: Cluster, raw_root: Path, tmp_path: Path) -> None:
     raw = copy_dataset(raw_root, SMALL, tmp_path / "raw")
-    # small_0003 becomes ~60 times larger: its fingerprint estimate (~0.9 GB) exceeds the worker's MEMORY, the
-    # others' (~0.27 GB) do not
-    big = dataclasses.replace(SMALL, min_shape=(160, 400, 400), max_shape=(160, 400, 400))
-    write_case(big, raw / SMALL.folder_name, 3)
-    tiny = start_cluster(tmp_path / "tiny", workers=1, memory=5 * 10**8)
-    try:
-        t0 = time.monotonic()
-        r = run_nnresume(raw, tmp_path / "pp", "preprocess", "-d", str(SMALL.dataset_id), "--no-pbar",
-                         "--scheduler-file", str(tiny.scheduler_file), expect=EXIT_CASES_FAILED, timeout=300)
-        assert time.monotonic() - t0 < 240
-    finally:
-        tiny.stop()
+    _write_huge_case(raw / SMALL.folder_name, "small_0003")
+    t0 = time.monotonic()
+    r = run_nnresume(raw, tmp_path / "pp", "preprocess", "-d", str(SMALL.dataset_id), "--no-pbar",
+                     "--scheduler-file", str(cluster.scheduler_file), expect=EXIT_CASES_FAILED, timeout=300)
+    assert time.monotonic() - t0 < 240
     assert "case small_0003 (fingerprint): estimated peak memory" in r.stderr, r.stderr
     assert "exceeds the MEMORY resource of every Dask worker" in r.stderr and "--resources MEMORY=" in r.stderr
     status = json.loads(run_nnresume(raw, tmp_path / "pp", "status", "-d", str(SMALL.dataset_id), "--json").stdout)
     assert status["stages"]["fingerprint"]["counts"]["done"] == SMALL.num_cases - 1
+    for ident in FOLDERS:
+        assert status["stages"][ident]["counts"]["done"] == SMALL.num_cases - 1
 
 
 @pytest.mark.slow
-def test_scheduler_gone_is_a_clear_error(raw_root: Path, tmp_path: Path) -> None:
-    doomed = start_cluster(tmp_path / "doomed", workers=1)
+def test_scheduler_gone_is_a_clear_error(cluster: Cluster, raw_root: Path, tmp_path: Path) -> None:
+    """The module's cluster's scheduler is killed: a later test gets a new cluster (Clusters.get)."""
+    doomed = cluster
     pp = tmp_path / "pp"
     ledger = pp / SMALL.folder_name / "nnresume.sqlite"
     try:

@@ -10,7 +10,7 @@ import pytest
 from nnresume import dataset
 from nnresume.errors import DatasetError, UsageError
 
-from .conftest import BIG, BIG_ARGS, References
+from .conftest import References
 
 
 def _touch(path: Path) -> None:
@@ -50,10 +50,11 @@ def test_case_listing_from_dataset_key(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.slow
+@pytest.mark.references("lowres")
 def test_configuration_resolution_matches_plans_manager(references: References) -> None:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans = json.loads((references.get(BIG, tuple(BIG_ARGS)) / "nnUNetPlans.json").read_text())
+    plans = json.loads((references.get("lowres") / "nnUNetPlans.json").read_text())
     assert "3d_cascade_fullres" in plans["configurations"]
     pm = PlansManager(plans)
     for name in plans["configurations"]:

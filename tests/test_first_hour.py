@@ -12,7 +12,7 @@ import pytest
 
 from nnresume.synthetic import DemoSpec, make_dataset
 
-from .conftest import env_for, ledger_query, nnresume_cmd, run_nnresume
+from .conftest import SMALL, Workspace, env_for, ledger_query, nnresume_cmd, run_nnresume
 
 TINY = DemoSpec(dataset_id=931, name="Tiny", num_cases=4, min_shape=(8, 20, 20), max_shape=(10, 24, 24), seed=31)
 
@@ -95,11 +95,11 @@ def test_class_names_are_checked_before_any_work(tiny: tuple[Path, Path]) -> Non
 
 
 @pytest.mark.slow
-def test_report_draws_the_last_run_that_did_work_without_library_warnings(tiny: tuple[Path, Path],
+def test_report_draws_the_last_run_that_did_work_without_library_warnings(finished_small: Workspace,
                                                                           tmp_path: Path) -> None:
-    raw, pp = tiny
-    did = str(TINY.dataset_id)
-    first = run_nnresume(raw, pp, "preprocess", "-d", did, "-np", "2")
+    raw, pp = finished_small.raw, finished_small.pp
+    did = str(SMALL.dataset_id)
+    first = finished_small.first_run  # with progress bars
     bars = [line for line in first.stderr.replace("\r", "\n").splitlines() if "Preprocess:" in line and "100%" in line]
     assert bars and "running=0" in bars[-1], "the finished bar must not show cases running"
     run_nnresume(raw, pp, "preprocess", "-d", did, "-np", "2", "--no-pbar")  # nothing to do

@@ -1,9 +1,5 @@
-"""`nnresume predict` against `nnUNetv2_predict`, on a model made in the test session without any download.
-
-The model: a small two-channel synthetic dataset, planned by nnU-Net (no preprocessing needed), and the checkpoint
-of an initialised `nnUNetTrainer` (random weights; fold 0; the planner's small patch, fewer features per stage, so
-CPU inference takes seconds). Random weights are enough to compare two programs that run the same network.
-"""
+"""`nnresume predict` against `nnUNetv2_predict`, on a model made in the test session without any download
+(tests/models.py)."""
 from __future__ import annotations
 
 import json
@@ -20,85 +16,28 @@ import psutil
 import pytest
 
 from nnresume.predict.cases import list_input_cases
-from nnresume.synthetic import DemoSpec, case_name, make_dataset
+from nnresume.synthetic import case_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from benchlib import MAKE_MODEL  # noqa: E402
+from .conftest import References, kill_group, ledger_query, run_nnresume, start_nnresume
+from .models import CONFIG, SPEC, Model
 
-from .conftest import (
-    NNUNET_TIMEOUT,
-    env_for,
-    kill_group,
-    ledger_query,
-    nnunet_command,
-    run_nnresume,
-    start_nnresume,
-)
-
-SPEC = DemoSpec(dataset_id=951, name="Pred", num_cases=3, channels=("CT", "T2"), min_shape=(12, 24, 24),
-                max_shape=(16, 32, 32), seed=5)
-CONFIG = "3d_fullres"
 ARGS = ("-d", str(SPEC.dataset_id), "-c", CONFIG, "-f", "0", "-device", "cpu")
+pytestmark = pytest.mark.references("predict-model", "predict-2d", "predict-ensemble")
 
 
-
-class Model:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.raw, self.preprocessed, self.results = root / "raw", root / "preprocessed", root / "results"
-        self.inputs = self.raw / SPEC.folder_name / "imagesTr"
-        self.reference = root / "reference"
-
-    def env(self) -> dict[str, str]:
-        return env_for(self.raw, self.preprocessed)
+@pytest.fixture
+def model(references: References) -> Model:
+    return references.get("predict-model")
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> None:
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=NNUNET_TIMEOUT)
-    assert r.returncode == 0, f"{cmd[0]} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+@pytest.fixture
+def model_2d(references: References) -> Path:
+    return references.get("predict-2d")
 
 
-@pytest.fixture(scope="session")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    """The model, and nnUNetv2_predict's outputs (with probabilities) on the dataset's images."""
-    m = Model(tmp_path_factory.mktemp("predict"))
-    make_dataset(SPEC, m.raw)
-    env = m.env()
-    _run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(SPEC.dataset_id), "-c", CONFIG, "--no_pp",
-          "-npfp", "2"], env)
-    _run([sys.executable, "-c", MAKE_MODEL, str(m.preprocessed), SPEC.folder_name, CONFIG], env)
-    _run([nnunet_command("nnUNetv2_predict"), "-i", str(m.inputs), "-o", str(m.reference), *ARGS,
-          "--save_probabilities", "-npp", "1", "-nps", "1", "--disable_progress_bar"], env)
-    return m
-
-
-def _reference_for(model: Model, name: str, case_indices: range, config: str, folds: list[str]) -> Path:
-    """A folder `inputs-<name>` with these cases' images, and nnUNetv2_predict's outputs for them (with
-    probabilities) in `reference-<name>`; returns the inputs."""
-    inputs = model.root / f"inputs-{name}"
-    inputs.mkdir()
-    for i in case_indices:
-        for f in model.inputs.glob(f"{case_name(SPEC, i)}_*"):
-            shutil.copy2(f, inputs / f.name)
-    _run([nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(model.root / f"reference-{name}"), "-d",
-          str(SPEC.dataset_id), "-c", config, "-f", *folds, "-device", "cpu", "--save_probabilities", "-npp", "1",
-          "-nps", "1", "--disable_progress_bar"], model.env())
-    return inputs
-
-
-@pytest.fixture(scope="session")
-def model_2d(model: Model) -> Path:
-    """A 2D model of the same dataset and plans, and nnUNetv2_predict's outputs for one case; returns its inputs."""
-    _run([sys.executable, "-c", MAKE_MODEL, str(model.preprocessed), SPEC.folder_name, "2d"], model.env())
-    return _reference_for(model, "2d", range(1), "2d", ["0"])
-
-
-@pytest.fixture(scope="session")
-def two_folds(model: Model) -> Path:
-    """Fold 1 of the same model (other random weights), and nnUNetv2_predict's ensemble of folds 0 and 1 for two
-    cases; returns its inputs."""
-    _run([sys.executable, "-c", MAKE_MODEL, str(model.preprocessed), SPEC.folder_name, CONFIG, "1"], model.env())
-    return _reference_for(model, "ensemble", range(2), CONFIG, ["0", "1"])
+@pytest.fixture
+def two_folds(references: References) -> Path:
+    return references.get("predict-ensemble")
 
 
 def copy_inputs(m: Model, dest: Path) -> Path:
@@ -106,9 +45,9 @@ def copy_inputs(m: Model, dest: Path) -> Path:
     return dest
 
 
-def predict(m: Model, inputs: Path, out: Path, *extra: str, expect: int = 0) -> str:
+def predict(m: Model, inputs: Path, out: Path, *extra: str, expect: int = 0, **env: str) -> str:
     r = run_nnresume(m.raw, m.preprocessed, "predict", "-i", str(inputs), "-o", str(out), *ARGS, "--no-pbar",
-                     *extra, expect=expect)
+                     *extra, expect=expect, **env)
     return r.stdout + r.stderr
 
 
@@ -205,41 +144,29 @@ def test_kill_resume_and_reruns(model: Model, tmp_path: Path) -> None:
     assert "nothing to do" in predict(model, inputs, out)
     assert ledger_query(ledger, "select count(*) from attempts")[0][0] == n_attempts
 
-    # one changed input: only that case is predicted again
-    changed_case = cases()[1]
+    # one changed input, and another case's output cut short (found by verify): only those two are predicted again
+    changed_case, victim_case = cases()[1], cases()[2]
     changed = inputs / f"{changed_case}_0001.nii.gz"
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(changed))
     sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) * 0.5 + 7, str(changed))
-    text = predict(model, inputs, out)
-    assert "1 case(s) to do" in text, text
-    last = ledger_query(ledger, "select max(id) from runs")[0][0]
-    redone = ledger_query(ledger, "select distinct case_name from attempts where run_id=?", (last,))
-    assert redone == [(changed_case,)]
-
-    # an output cut short is found and redone
-    victim = out / f"{cases()[2]}.nii.gz"
+    victim = out / f"{victim_case}.nii.gz"
     victim.write_bytes(victim.read_bytes()[:100])
     r = run_nnresume(model.raw, model.preprocessed, "verify", "-o", str(out), "--no-pbar", expect=3)
-    assert f"case {cases()[2]} [prediction] {victim}: size" in r.stdout, r.stdout
+    assert f"case {victim_case} [prediction] {victim}: size" in r.stdout, r.stdout
     status = run_nnresume(model.raw, model.preprocessed, "status", "-o", str(out), "--json")
     assert '"pending": 1' in status.stdout and '"done": 2' in status.stdout, status.stdout
-    assert "1 case(s) to do" in predict(model, inputs, out)
-    assert_same_predictions(out, model.reference, [cases()[0], cases()[2]], probabilities=False)
-
-
-@pytest.mark.slow
-def test_missing_channel_fails_that_case_only(model: Model, tmp_path: Path) -> None:
-    inputs, out = copy_inputs(model, tmp_path / "in"), tmp_path / "out"
-    bad = case_name(SPEC, 1)
-    (inputs / f"{bad}_0001.nii.gz").unlink()
-    text = predict(model, inputs, out, "-npp", "2", expect=3)
-    assert f"case {bad} ({inputs / f'{bad}_0001.nii.gz'}): channel file missing" in text, text
-    done = done_rows(out)
-    assert sorted(done) == [c for c in cases() if c != bad]
-    assert not (out / f"{bad}.nii.gz").exists()
-    assert_same_predictions(out, model.reference, sorted(done), probabilities=False)
+    dry = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(inputs), "-o", str(out), *ARGS,
+                       "--dry-run").stdout
+    assert f"{changed_case}: input changed" in dry and victim_case in dry, dry
+    text = predict(model, inputs, out)
+    assert "2 case(s) to do" in text, text
+    last = ledger_query(ledger, "select max(id) from runs")[0][0]
+    redone = ledger_query(ledger, "select distinct case_name from attempts where run_id=? order by case_name",
+                          (last,))
+    assert redone == [(changed_case,), (victim_case,)]
+    assert_same_predictions(out, model.reference, [cases()[0], victim_case], probabilities=False)
 
 
 @pytest.mark.slow
@@ -305,53 +232,43 @@ def test_ensemble_of_two_folds_identical_to_nnunet(model: Model, two_folds: Path
 
 
 @pytest.mark.slow
-def test_a_predict_worker_killed_mid_case_is_retried(model: Model, tmp_path: Path) -> None:
-    """SIGKILL of the worker after it wrote the case's files into staging (as the OOM killer would): the case is
-    retried in a new worker, the death is in the ledger, and the predictions are nnUNetv2_predict's."""
-    out, marker, victim = tmp_path / "out", tmp_path / "crashed", case_name(SPEC, 1)
+def test_a_worker_and_the_device_process_killed_mid_case_are_replaced(model: Model, tmp_path: Path) -> None:
+    """SIGKILL of a worker after it wrote its case's files into staging, and of the process that holds the network
+    while it predicts another case (as the OOM killer would): the worker's case is retried in a new worker, the
+    device process is started again and the worker waiting on it sends its case again, and the predictions are
+    nnUNetv2_predict's."""
+    out, once = tmp_path / "out", tmp_path / "crashed"
+    worker_victim, device_victim = case_name(SPEC, 1), case_name(SPEC, 2)
     r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), *ARGS,
-                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT="staged", NNRESUME_CRASH_CASE=victim,
-                     NNRESUME_CRASH_ONCE=str(marker), NNRESUME_CRASH_HOW="kill")
-    assert marker.exists(), "the crash point was not reached"
-    assert "killed by SIGKILL" in r.stdout + r.stderr
+                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT=f"staged@{worker_victim}=kill,"
+                     f"device_inference@{device_victim}=kill", NNRESUME_CRASH_ONCE=str(once))
+    text = r.stdout + r.stderr
+    assert Path(f"{once}.0").exists() and Path(f"{once}.1").exists(), "a crash point was not reached"
+    assert "killed by SIGKILL" in text
+    assert "was killed by SIGKILL; starting it again" in text, text
+    assert "started again 1 time(s)" in text, text
     assert sorted(done_rows(out)) == cases()
-    outcomes = ledger_query(out / "nnresume.sqlite", "select outcome from attempts where case_name=? order by id",
-                            (victim,))
+    ledger = out / "nnresume.sqlite"
+    outcomes = ledger_query(ledger, "select outcome from attempts where case_name=? order by id", (worker_victim,))
     assert [o for (o,) in outcomes] == ["died", "ok"], outcomes
+    outcomes = ledger_query(ledger, "select outcome from attempts where case_name=? order by id", (device_victim,))
+    assert [o for (o,) in outcomes] == ["ok"], outcomes  # no worker died: it sent its case again
     assert_same_predictions(out, model.reference, cases(), probabilities=False)
     assert not any((out / ".nnresume" / "staging").glob("*/*"))
 
 
 @pytest.mark.slow
-def test_the_device_process_killed_mid_case_is_started_again(model: Model, tmp_path: Path) -> None:
-    """SIGKILL of the process that holds the network while it predicts a case (as the OOM killer would): another is
-    started, the worker sends the case again, no worker dies, and the predictions are nnUNetv2_predict's."""
-    out, marker, victim = tmp_path / "out", tmp_path / "crashed", case_name(SPEC, 1)
-    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), *ARGS,
-                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT="device_inference", NNRESUME_CRASH_CASE=victim,
-                     NNRESUME_CRASH_ONCE=str(marker))
-    text = r.stdout + r.stderr
-    assert marker.exists(), "the crash point was not reached"
-    assert "was killed by SIGKILL; starting it again" in text, text
-    assert "started again 1 time(s)" in text, text
-    assert sorted(done_rows(out)) == cases()
-    outcomes = ledger_query(out / "nnresume.sqlite", "select outcome from attempts where case_name=? order by id",
-                            (victim,))
-    assert [o for (o,) in outcomes] == ["ok"], outcomes
-    assert_same_predictions(out, model.reference, cases(), probabilities=False)
-
-
-@pytest.mark.slow
-def test_a_case_that_kills_the_device_process_every_time_fails_alone(model: Model, tmp_path: Path) -> None:
-    """The device process dies each time it predicts one case: that case fails after three deaths with a message
-    saying so, the others are predicted as nnUNetv2_predict predicts them, and the exit code says a case failed."""
-    out, victim = tmp_path / "out", case_name(SPEC, 0)
-    r = run_nnresume(model.raw, model.preprocessed, "predict", "-i", str(model.inputs), "-o", str(out), *ARGS,
-                     "--no-pbar", "-npp", "2", NNRESUME_CRASH_AT="device_inference", NNRESUME_CRASH_CASE=victim,
-                     expect=3)
-    text = r.stdout + r.stderr
-    assert f"case {victim}" in text and "the device process died 3 times while predicting this case" in text, text
-    others = [c for c in cases() if c != victim]
+def test_a_missing_channel_and_a_case_that_kills_the_device_process_fail_alone(model: Model, tmp_path: Path) -> None:
+    """One case misses a channel file: it fails with a message naming the file. Another kills the device process
+    each time it is predicted: it fails after three deaths with a message saying so. The third is predicted as
+    nnUNetv2_predict predicts it, and the exit code says cases failed."""
+    inputs, out = copy_inputs(model, tmp_path / "in"), tmp_path / "out"
+    killer, missing = case_name(SPEC, 0), case_name(SPEC, 1)
+    (inputs / f"{missing}_0001.nii.gz").unlink()
+    text = predict(model, inputs, out, "-npp", "2", NNRESUME_CRASH_AT=f"device_inference@{killer}=kill", expect=3)
+    assert f"case {missing} ({inputs / f'{missing}_0001.nii.gz'}): channel file missing" in text, text
+    assert f"case {killer}" in text and "the device process died 3 times while predicting this case" in text, text
+    others = [c for c in cases() if c not in (killer, missing)]
     assert sorted(done_rows(out)) == others
     assert_same_predictions(out, model.reference, others, probabilities=False)
-    assert not (out / f"{victim}.nii.gz").exists()
+    assert not (out / f"{killer}.nii.gz").exists() and not (out / f"{missing}.nii.gz").exists()

@@ -1,105 +1,97 @@
-"""A worker that dies (SIGKILL as from the OOM killer, a segfault, an exit without a word, MemoryError) is noticed at
-once, its case retried, and the run completes with outputs identical to nnU-Net's; after three deaths the case is
-quarantined with the reason and the run still finishes."""
+"""A worker that dies (SIGKILL as from the OOM killer, a segfault, an exit without a word, MemoryError, a kill from
+outside) is noticed at once, its case retried, and the run completes with outputs identical to nnU-Net's; after three
+deaths a case is quarantined with the reason and the run still finishes.
+
+One run meets every kind of death, each on its own case (crash points, io/crashpoints.py): a death costs a case one
+retry whatever else dies beside it, so one run proves each kind as well as a run per kind did.
+"""
 from __future__ import annotations
 
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from nnresume.compare import compare_folders
 
-from .conftest import BIG, BIG_ARGS, SMALL, References, ledger_query, run_nnresume, start_nnresume, wait_for
+from .conftest import (
+    SMALL,
+    SMALL_FOLDERS,
+    References,
+    copy_dataset,
+    last_run,
+    ledger_query,
+    redone,
+    run_nnresume,
+    start_nnresume,
+    wait_for,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from kill_campaign import workers_of  # noqa: E402
+pytestmark = [pytest.mark.slow, pytest.mark.references("small")]
 
-pytestmark = pytest.mark.slow
-
-FOLDERS = ["nnUNetPlans_2d", "nnUNetPlans_3d_fullres", "gt_segmentations"]
 ARGS = ("preprocess", "-d", str(SMALL.dataset_id), "-np", "2", "--no-pbar")
 
-
-@pytest.mark.parametrize("point, how, expected", [
-    ("staged", "kill", "killed by SIGKILL"),
-    ("staged", "segv", "killed by SIGSEGV"),
-    ("staged", "exit", "exited with code 3 without reporting"),
-    ("staged", "memory", "MemoryError"),
-    ("staged:2", "kill", "killed by SIGKILL"),  # preprocess stage, after its first configuration was committed
-], ids=["sigkill-fingerprint", "sigsegv", "silent-exit", "memoryerror", "sigkill-mid-preprocess"])
-def test_worker_death_is_retried(point: str, how: str, expected: str, raw_root: Path, references: References,
-                                 tmp_path: Path) -> None:
-    pp = tmp_path / "pp"
-    marker = tmp_path / "crashed"
-    run_nnresume(raw_root, pp, *ARGS, NNRESUME_CRASH_AT=point, NNRESUME_CRASH_CASE="small_0003",
-                 NNRESUME_CRASH_ONCE=str(marker), NNRESUME_CRASH_HOW=how)
-    assert marker.exists(), "the crash point was not reached"
-    ledger = pp / SMALL.folder_name / "nnresume.sqlite"
-    attempts = ledger_query(ledger, "select stage, outcome, message from attempts where case_name='small_0003' "
-                                    "order by id")
-    bad = [a for a in attempts if a[1] != "ok"]
-    assert len(bad) == 1 and expected in bad[0][2], attempts
-    if point == "staged:2":
-        assert bad[0][0] == "preprocess"
-        # the configuration committed before the death was not redone
-        committed = ledger_query(ledger, "select count(*) from attempts where case_name='small_0003' "
-                                         "and stage='preprocess'")[0][0]
-        retried_targets = json.loads(ledger_query(
-            ledger, "select targets from attempts where case_name='small_0003' and stage='preprocess' "
-                    "order by id desc limit 1")[0][0])
-        assert committed == 2 and len(retried_targets) == 2
-    assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
+# case -> (crash point spec, words in its death's message); each dies once (NNRESUME_CRASH_ONCE)
+DEATHS = {
+    "small_0002": ("staged@small_0002=kill", "killed by SIGKILL"),  # in the fingerprint stage
+    "small_0003": ("staged@small_0003=segv", "killed by SIGSEGV"),
+    "small_0004": ("staged@small_0004=exit", "exited with code 3 without reporting"),
+    "small_0005": ("staged@small_0005=memory", "MemoryError"),
+    # in the preprocessing stage, after its first configuration was staged and sent
+    "small_0001": ("staged:2@small_0001=kill", "killed by SIGKILL"),
+}
+OUTSIDE = "small_0006"  # its worker waits in preprocessing until the test kills it with SIGKILL from outside
+QUARANTINED = "small_0007"  # its worker dies in preprocessing every time
 
 
-def test_a_dataset_step_whose_worker_dies_is_retried(raw_root: Path, references: References, tmp_path: Path) -> None:
-    pp = tmp_path / "pp"
-    # the aggregation worker stages dataset_fingerprint.json, then dies before reporting
-    r = run_nnresume(raw_root, pp, *ARGS, NNRESUME_CRASH_AT="staged", NNRESUME_CRASH_CASE="(dataset)",
-                     NNRESUME_CRASH_ONCE=str(tmp_path / "once"))
-    assert "aggregate step's worker was killed by SIGKILL" in r.stderr and "retrying" in r.stderr
-    assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
-
-
-def test_three_deaths_quarantine_the_case_and_the_run_goes_on(raw_root: Path, references: References,
-                                                              tmp_path: Path) -> None:
-    pp = tmp_path / "pp"
-    r = run_nnresume(raw_root, pp, *ARGS, expect=3, NNRESUME_CRASH_AT="staged", NNRESUME_CRASH_CASE="small_0003")
-    assert "small_0003" in r.stderr and "quarantined" in r.stderr
-    status = json.loads(run_nnresume(raw_root, pp, "status", "-d", str(SMALL.dataset_id), "--json").stdout)
-    assert status["stages"]["fingerprint"]["counts"]["quarantined"] == 1
-    assert status["stages"]["fingerprint"]["counts"]["done"] == SMALL.num_cases - 1
-    (failure,) = [f for f in status["failures"] if f["case"] == "small_0003" and f["stage"] == "fingerprint"]
-    assert failure["state"] == "quarantined" and "SIGKILL" in failure["reason"] and "budget" in failure["reason"]
-    for ident in FOLDERS:
-        assert status["stages"][ident]["counts"]["done"] == SMALL.num_cases - 1
-    ledger = pp / SMALL.folder_name / "nnresume.sqlite"
-    deaths = ledger_query(ledger, "select count(*) from attempts where case_name='small_0003' and outcome='died'")
-    assert deaths[0][0] == 3
-
-    # nothing changed: a plain rerun leaves it quarantined; --retry-quarantined tries again
-    run_nnresume(raw_root, pp, *ARGS, expect=3)
-    run_nnresume(raw_root, pp, *ARGS, "--retry-quarantined")
-    assert compare_folders(pp / SMALL.folder_name, references.get(SMALL), FOLDERS, ["nnUNetPlans.json"]) == []
-
-
-def test_worker_killed_from_outside_mid_case(raw_root: Path, references: References, tmp_path: Path) -> None:
-    pp = tmp_path / "pp"
-    ledger = pp / BIG.folder_name / "nnresume.sqlite"
-    proc = start_nnresume(raw_root, pp, "preprocess", "-d", str(BIG.dataset_id), "-np", "2", "--no-pbar", *BIG_ARGS)
-    wait_for(lambda: ledger.exists() and ledger_query(
-        ledger, "select count(*) from outputs where state='running' and data_identifier like 'nnUNetPlans_%'"
-    )[0][0] > 0 and workers_of(proc.pid), timeout=300, proc=proc)
-    victim = workers_of(proc.pid)[0]
-    os.kill(victim.pid, signal.SIGKILL)
+def test_every_kind_of_worker_death_is_retried_and_three_quarantine(raw_root: Path, references: References,
+                                                                      tmp_path: Path) -> None:
+    raw, pp = copy_dataset(raw_root, SMALL, tmp_path / "raw"), tmp_path / "pp"
+    dataset = pp / SMALL.folder_name
+    ledger = dataset / "nnresume.sqlite"
+    specs = [spec for spec, _ in DEATHS.values()]
+    specs += ["staged@(dataset)=kill",  # the aggregation's worker, its dataset_fingerprint.json staged
+              f"staged@{OUTSIDE}/preprocess=pause:120", f"staged@{QUARANTINED}/preprocess=kill*"]
+    once = tmp_path / "crashed"
+    proc = start_nnresume(raw, pp, *ARGS, NNRESUME_CRASH_AT=",".join(specs), NNRESUME_CRASH_ONCE=str(once))
+    paused = Path(f"{once}.{specs.index(f'staged@{OUTSIDE}/preprocess=pause:120')}")
+    wait_for(lambda: paused.exists() and paused.read_text() != "", timeout=300, proc=proc)
+    os.kill(int(paused.read_text()), signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    died = ledger_query(ledger, "select case_name, signal from attempts where outcome='died'")
-    assert len(died) == 1 and died[0][1] == signal.SIGKILL
-    assert "retrying" in out
-    reference = references.get(BIG, tuple(BIG_ARGS))
-    folders = sorted(p.name for p in reference.iterdir() if p.is_dir())
-    assert compare_folders(pp / BIG.folder_name, reference, folders, ["nnUNetPlans.json"]) == []
+    assert proc.returncode == 3, out
+    assert "Traceback" not in out
+    for i in range(len(DEATHS)):
+        assert Path(f"{once}.{i}").exists(), f"crash point {specs[i]} was not reached"
+
+    for case, (spec, words) in DEATHS.items():
+        attempts = ledger_query(ledger, "select stage, outcome, message from attempts where case_name=? order by id",
+                                (case,))
+        bad = [a for a in attempts if a[1] != "ok"]
+        assert len(bad) == 1 and words in bad[0][2], (spec, attempts)
+    # small_0001: the configuration committed before the death was not redone
+    preprocess = ledger_query(ledger, "select outcome, targets from attempts where case_name='small_0001' and "
+                                      "stage='preprocess' order by id")
+    assert [o for o, _ in preprocess] == ["died", "ok"] and len(json.loads(preprocess[-1][1])) == 2, preprocess
+    assert "aggregate step's worker was killed by SIGKILL" in out and "retrying" in out
+    outside = ledger_query(ledger, "select outcome, signal from attempts where case_name=? and stage='preprocess' "
+                                   "order by id", (OUTSIDE,))
+    assert outside == [("died", signal.SIGKILL), ("ok", None)], outside
+
+    assert QUARANTINED in out and "quarantined" in out
+    status = json.loads(run_nnresume(raw, pp, "status", "-d", str(SMALL.dataset_id), "--json").stdout)
+    failures = [f for f in status["failures"] if f["case"] == QUARANTINED]
+    assert failures and all(f["state"] == "quarantined" and "SIGKILL" in f["reason"] and "budget" in f["reason"]
+                            for f in failures), failures
+    assert {f["case"] for f in status["failures"]} == {QUARANTINED}
+    deaths = ledger_query(ledger, "select count(*) from attempts where case_name=? and outcome='died'", (QUARANTINED,))
+    assert deaths[0][0] == 3
+    for ident in SMALL_FOLDERS:
+        assert status["stages"][ident]["counts"]["done"] == SMALL.num_cases - 1
+
+    # nothing changed: a plain rerun leaves it quarantined; --retry-quarantined tries again, and only it
+    run_nnresume(raw, pp, *ARGS, expect=3)
+    run_nnresume(raw, pp, *ARGS, "--retry-quarantined")
+    assert {c for c, _ in redone(ledger, last_run(ledger))} == {QUARANTINED}
+    assert compare_folders(dataset, references.get("small"), SMALL_FOLDERS, ["nnUNetPlans.json"]) == []
