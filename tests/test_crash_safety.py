@@ -86,6 +86,9 @@ PREPROCESSING_POINTS = ["between_renames:3", "renamed:5", "ledger_commit:4", "gr
 
 def test_crash_points_and_a_kill_from_outside_lose_nothing(raw_root: Path, references: References,
                                                            tmp_path: Path) -> None:
+    """A SIGKILL at each crash point of the write path, then one from outside mid-run, each resumed on the same
+    dataset, and the end identical to nnU-Net's. About a minute: every kill needs its own real process and resume,
+    which is the point; chained on one dataset they share what the points before left."""
     raw, pp = copy_dataset(raw_root, SMALL, tmp_path / "raw"), tmp_path / "pp"
     dataset = pp / SMALL.folder_name
     ledger = dataset / "nnresume.sqlite"

@@ -102,6 +102,10 @@ def test_predictions_identical_to_nnunet(model: Model, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_resume_and_reruns(model: Model, tmp_path: Path) -> None:
+    """A SIGKILL mid-prediction, the resume, and what a rerun redoes (nothing; nothing after a touch; a changed input
+    and a cut-short output; every case for a changed model key) in one chain on one output folder. About a minute:
+    nine real runs of the CLI, of which each that predicts starts a device process importing torch and loading the
+    model, which is what is being tested; chained, they share one model and one killed run."""
     inputs, out = copy_inputs(model, tmp_path / "in"), tmp_path / "out"
     ledger = out / "nnresume.sqlite"
     # SIGKILL when the second group of finished cases is durable, before its commit, each result committed on its
@@ -196,6 +200,54 @@ def test_cases_are_grouped_as_nnunet_groups_them(tmp_path: Path) -> None:
     found = list_input_cases(tmp_path, ".nii.gz")
     assert found == {"a": (str(tmp_path / "a_0000.nii.gz"),), "a_x": (str(tmp_path / "a_x_0000.nii.gz"),),
                      "b": (str(tmp_path / "b_0000.nii.gz"), str(tmp_path / "b_0001.nii.gz"))}
+
+
+def test_a_wrong_channel_count_names_the_missing_or_extra_file() -> None:
+    """The worker's check between reading and preprocessing, where nnU-Net would go on with the wrong channels; and
+    the files a case's prediction writes, the segmentation last."""
+    from nnresume.errors import CaseError
+    from nnresume.worker.inference.case import check_channels, output_names
+
+    two = ["/in/c_0000.nii.gz", "/in/c_0001.nii.gz"]
+    check_channels("c", two, ".nii.gz", 2, 2)  # as the model takes: nothing to say
+    with pytest.raises(CaseError) as missing:
+        check_channels("c", two[:1], ".nii.gz", 1, 2)
+    assert missing.value.path == "/in/c_0001.nii.gz" and "channel file missing: c_0001.nii.gz" in str(missing.value)
+    with pytest.raises(CaseError) as extra:
+        check_channels("c", [*two, "/in/c_0002.nii.gz"], ".nii.gz", 3, 2)
+    assert extra.value.path == "/in/c_0002.nii.gz" and "have 3 channel(s) but the model takes 2" in str(extra.value)
+    assert output_names("c", ".nii.gz", False) == ["c.nii.gz"]
+    assert output_names("c", ".nii.gz", True) == ["c.npz", "c.pkl", "c.nii.gz"]
+
+
+def test_why_a_case_is_predicted_again(tmp_path: Path) -> None:
+    """The ledger's row for a case's prediction against its input digest, the model key and the files on disk."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from nnresume.ledger.models import TaskState
+    from nnresume.ledger.records import OutputRecord
+    from nnresume.predict.run import prediction_reason
+
+    (tmp_path / "c.nii.gz").write_bytes(b"x" * 10)
+    model = cast(Any, SimpleNamespace(spec=SimpleNamespace(key="model-1")))
+
+    def row(state: TaskState = TaskState.done, digest: str = "in-1", key: str = "model-1", size: int = 10,
+            attempts: int = 1, error: str | None = None) -> OutputRecord:
+        return OutputRecord("c", "prediction", "3d_fullres", state, key, digest, [{"name": "c.nii.gz", "size": size}],
+                            attempts, 0, None, None, None, error, 0.0)
+
+    assert prediction_reason(row(), "in-1", model, tmp_path) is None
+    assert prediction_reason(None, "in-1", model, tmp_path) == "new"
+    assert prediction_reason(row(TaskState.pending, attempts=0), "in-1", model, tmp_path) == "not started yet"
+    assert prediction_reason(row(TaskState.pending), "in-1", model, tmp_path) == "interrupted"
+    assert prediction_reason(row(TaskState.running), "in-1", model, tmp_path) == "interrupted"
+    assert prediction_reason(row(TaskState.failed), "in-1", model, tmp_path) == "failed before"
+    assert prediction_reason(row(), "in-2", model, tmp_path) == "input changed"
+    assert prediction_reason(row(key="model-0"), "in-1", model, tmp_path) == "model changed"
+    assert prediction_reason(row(size=11), "in-1", model, tmp_path) == "output size differs: c.nii.gz"
+    (tmp_path / "c.nii.gz").unlink()
+    assert prediction_reason(row(), "in-1", model, tmp_path) == "output missing: c.nii.gz"
 
 
 def test_the_predict_orchestrator_never_imports_nnunetv2_or_torch() -> None:

@@ -102,7 +102,8 @@ class Ours:
 
 @pytest.fixture(scope="module")
 def ours(references: References, tmp_path_factory: pytest.TempPathFactory) -> Ours:
-    """nnresume over every accepted cell's dataset in one run, then `status` and `check` of all of them."""
+    """nnresume over every accepted cell's dataset in one run, then `status` and `check` of all of them: one run
+    (about a minute, 14 small datasets) instead of one per cell, which cost a start-up and a pool each."""
     raw = references.get("readers-raw")
     pp = tmp_path_factory.mktemp("readers-ours")
     ids = [str(spec.dataset_id) for spec in CELLS.values()]
@@ -116,6 +117,9 @@ def ours(references: References, tmp_path_factory: pytest.TempPathFactory) -> Ou
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.references(*BATCHES)
 def test_identical_to_nnunet(cell: str, ours: Ours, references: References) -> None:
+    """Each accepted reader and layout gives nnU-Net's outputs. The first cell takes one to two minutes: its set-up is
+    the `ours` fixture's one run over all cells and the wait for nnU-Net's two batched references; the others only
+    compare."""
     spec = CELLS[cell]
     assert "Traceback" not in ours.run.stderr
     ref = references.get(REFERENCE_OF[cell]) / spec.folder_name
