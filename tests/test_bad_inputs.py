@@ -185,7 +185,9 @@ job("altered", _altered, cost=26)
 def test_what_nnunet_alters_silently_is_preprocessed_as_nnunet_does_and_warned(references: References,
                                                                                 tmp_path: Path) -> None:
     """NaN read as 0, a label that does not lie where its image is, a label with only background: nnU-Net takes
-    them without a word. nnresume gives the same outputs, records a warning for each, and fails them with --strict."""
+    them without a word. nnresume gives the same outputs, records a warning for each, and fails them with --strict.
+    Up to a minute: its time includes waiting for nnU-Net's run on the altered data (a reference job, started in
+    the background lane), two preprocess runs (the warnings, then --strict), `status` and `check --full`."""
     from nnresume.compare import compare_folders
 
     made = references.get("altered")
