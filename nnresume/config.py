@@ -152,6 +152,11 @@ class PreprocessSettings:
     grace_seconds: float = 20.0
     strict: bool = False
     allow_oversize: bool = False
+    # -plans_name: preprocess against these existing plans (nnUNetv2_preprocess), never planning or writing them
+    plans_name: str | None = None
+    # how far to go: "fingerprint" (nnUNetv2_extract_fingerprint), "plan" (nnUNetv2_plan_experiment; --no_pp) or
+    # "preprocess" (all three steps, as nnUNetv2_plan_and_preprocess)
+    steps: str = "preprocess"
 
     def planner_arguments(self) -> dict:
         """The arguments that decide what the planner writes; part of the plans' key in the ledger."""

@@ -109,9 +109,11 @@ class AggregateTask:
     """dataset_fingerprint.json from the per-case results, written into staging."""
 
     task_id: str
-    results: tuple[tuple[str, str, str], ...]  # (case, path, sha256) in nnU-Net's case order
+    # (case, path, sha256, the samples per case its result was made for) in nnU-Net's case order
+    results: tuple[tuple[str, str, str, int], ...]
     dataset_json: dict[str, Any]
     staging_dir: str
+    num_samples: int  # the samples per case for the dataset as it is (worker/samples.py: fewer made from more)
     memory_room: int = 0  # bytes the tree could still grow by under the budget when the task was sent; 0: unknown
     case: str = "(dataset)"
     stage: str = "aggregate"
@@ -262,6 +264,7 @@ class FingerprintResult:
     shape_after_crop: Optional[list[Any]] = None
     spacing: Optional[list[Any]] = None
     header: Optional[dict[str, Any]] = None
+    derivable: bool = False  # its samples for fewer per case can be made from the stored result (worker/samples.py)
     duration_s: float = 0.0
     peak_rss: Optional[int] = None
     warnings: tuple[CaseWarning, ...] = ()

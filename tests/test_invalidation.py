@@ -133,7 +133,7 @@ def test_removed_case_loses_its_outputs(finished_small: Workspace, references: R
                            ["nnUNetPlans.json"]) == []
 
 
-ZSCORED = DemoSpec(dataset_id=931, name="ZScored", num_cases=5, channels=("T2",), min_shape=(10, 24, 24),
+ZSCORED = DemoSpec(dataset_id=931, name="ZScored", num_cases=5, channels=("T2", "ADC"), min_shape=(10, 24, 24),
                    max_shape=(10, 24, 24), seed=5)
 
 
@@ -147,7 +147,9 @@ def _zscored_raw(references: References, folder: Path, lane: Lane) -> Path:
         image = sitk.ReadImage(str(path))
         image.SetSpacing((0.8, 0.8, 2.0))
         sitk.WriteImage(image, str(path), useCompression=True)
-    shutil.copy(ds / "imagesTr" / "zscored_0001_0000.nii.gz", ds / "imagesTr" / "zscored_0004_0000.nii.gz")
+    for channel in ("0000", "0001"):
+        shutil.copy(ds / "imagesTr" / f"zscored_0001_{channel}.nii.gz",
+                    ds / "imagesTr" / f"zscored_0004_{channel}.nii.gz")
     shutil.copy(ds / "labelsTr" / "zscored_0001.nii.gz", ds / "labelsTr" / "zscored_0004.nii.gz")
     plan_and_preprocess(lane, raw, folder / "pp", [ZSCORED.dataset_id])
     return folder
@@ -160,12 +162,15 @@ job("zscored", _zscored_raw, cost=26)
 def test_added_case_keeps_the_outputs_of_z_scored_channels(references: References, tmp_path: Path) -> None:
     """Adding a case changes the dataset's foreground intensity statistics (nnU-Net samples every case anew), which
     only CT normalisation reads: with z-scored channels and unchanged configurations the other cases' outputs are
-    kept, and the result is nnU-Net's on the grown dataset."""
+    kept, and the result is nnU-Net's on the grown dataset. Only the new case is analysed: the others' samples for
+    the new count are made from their results (two channels, so that the second channel's are made from what was
+    kept of it), and the dataset fingerprint is nnU-Net's."""
     made = references.get("zscored")
     raw, pp = tmp_path / "raw", tmp_path / "pp"
     shutil.copytree(made / "raw", raw)
     ds, out = raw / ZSCORED.folder_name, pp / ZSCORED.folder_name
-    added = [ds / "imagesTr" / "zscored_0004_0000.nii.gz", ds / "labelsTr" / "zscored_0004.nii.gz"]
+    added = [ds / "imagesTr" / "zscored_0004_0000.nii.gz", ds / "imagesTr" / "zscored_0004_0001.nii.gz",
+             ds / "labelsTr" / "zscored_0004.nii.gz"]
     for path in added:
         path.unlink()
     _set_num_training(ds, ZSCORED.num_cases - 1)
@@ -184,6 +189,9 @@ def test_added_case_keeps_the_outputs_of_z_scored_channels(references: Reference
     ledger = out / "nnresume.sqlite"
     changed = redone(ledger, last_run(ledger))
     assert changed and {case for case, _ in changed} == {"zscored_0004"}
+    analysed = ledger_query(ledger, "select case_name from attempts where stage='fingerprint' and run_id=?",
+                            (last_run(ledger),))
+    assert analysed == [("zscored_0004",)], analysed
     reference = made / "pp" / ZSCORED.folder_name
     folders = sorted(p.name for p in reference.iterdir() if p.is_dir())
     assert compare_folders(out, reference, folders, ["nnUNetPlans.json"]) == []

@@ -1,10 +1,13 @@
 """Stage 1: each case's fingerprint, then the dataset fingerprint aggregated exactly as nnU-Net aggregates it.
 
-A case is analysed again only when its inputs changed, the extractor or the per-case sample count changed (that count
-is 10e7 divided by the number of cases, so adding or removing a case changes every case's samples), or its result is
-missing. A file whose size or mtime changed is hashed again; if its content hashes as before (a `touch`), the old
-result stands. Each case's result is `analyze_case`'s return value, stored exactly but compressed (blobs.py) and
-committed like any output.
+A case is analysed again only when its inputs changed, the extractor changed, its result is missing, or the dataset
+needs more samples per case than its result holds. That count is 10e7 divided by the number of cases: cases added
+lower it, and a result made for more samples gives nnU-Net's samples for fewer exactly (worker/samples.py), so a
+dataset that grows costs its new cases' fingerprints only; cases removed raise it, and every case is analysed again.
+With given plans (-plans_name) the samples are not used, and any finished result stands. A file whose size or
+mtime changed is hashed again; if its content hashes as before (a `touch`), the old result stands. Each case's
+result is `analyze_case`'s return value (with what fewer samples are made from), stored exactly but compressed
+(blobs.py) and committed like any output.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ FINGERPRINT_JSON = "dataset_fingerprint.json"
 # Bytes per foreground sample and channel while a case is analysed: the drawn indices (int64) and values, measured
 # at about 8 on nnunetv2 2.8.1, doubled for safety
 SAMPLE_BYTES = 16
-RESULT_FORMAT = 4  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
+RESULT_FORMAT = 5  # how a case's result is stored (blobs.py); a change makes every case's fingerprint be redone
 
 
 @dataclass
@@ -46,16 +49,38 @@ class FingerprintWork:
 
 @dataclass
 class FingerprintPlan:
-    key: str
+    base: str  # what every case's result depends on besides its files and the sample count
     num_samples: int
+    any_count: bool = False  # given plans: a result made for any sample count stands
     work: list[FingerprintWork] = field(default_factory=list)
     skipped_quarantined: list[str] = field(default_factory=list)
     up_to_date: int = 0
 
+    @property
+    def key(self) -> str:
+        return f"{self.base}:{self.num_samples}"
 
-def fingerprint_key(extractor: str, num_samples: int, dataset_json: dict[str, Any], version: str) -> str:
+    def result_key(self, derivable: bool) -> str:
+        """The key a finished result is recorded under: the plan's, and whether fewer samples can be made from it."""
+        return f"{self.key}:{'down' if derivable else 'exact'}"
+
+    def usable(self, key: Optional[str]) -> bool:
+        """Whether a result recorded under `key` serves this dataset as it is."""
+        base, _, rest = (key or "").partition(":")
+        count, _, kind = rest.partition(":")
+        if base != self.base or not count.isdigit():
+            return False
+        return int(count) == self.num_samples or self.any_count or (kind == "down" and int(count) > self.num_samples)
+
+
+def made_for(key: str) -> int:
+    """The samples per case a result recorded under `key` holds."""
+    return int(key.split(":")[1])
+
+
+def fingerprint_key(extractor: str, dataset_json: dict[str, Any], version: str) -> str:
     return key_of({"format": OUTPUT_FORMAT_VERSION, "result_format": RESULT_FORMAT, "extractor": extractor,
-                   "num_samples": num_samples, "nnunetv2": version, "file_ending": dataset_json["file_ending"],
+                   "nnunetv2": version, "file_ending": dataset_json["file_ending"],
                    "reader": dataset_json.get("overwrite_image_reader_writer")})
 
 
@@ -93,8 +118,9 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
                       dataset_json: dict[str, Any]) -> FingerprintPlan:
     s = ctx.settings
     n = num_foreground_samples_per_case(len(cases))
-    key = fingerprint_key(s.fingerprint_extractor, n, dataset_json, ctx.nnunetv2_version)
-    plan = FingerprintPlan(key, n)
+    plan = FingerprintPlan(fingerprint_key(s.fingerprint_extractor, dataset_json, ctx.nnunetv2_version), n,
+                           any_count=s.plans_name is not None)
+    key = plan.base  # what an attempt is made from (quarantine): not the sample count
     # strings, not Paths or os.path.join: this loop runs once per case (25,000 and more)
     work_prefix = os.path.join(str(ctx.layout.work), "")
     for name, files in cases.items():
@@ -118,7 +144,7 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
             continue
         known = tuple(rec.files)
         changed = _stat_changed(rec, files) if rec.files else "no recorded inputs"
-        result_ok = (fp.state == TaskState.done and fp.key == key and fp.result_file is not None
+        result_ok = (fp.state == TaskState.done and plan.usable(fp.key) and fp.result_file is not None
                      and stat_matches(work_prefix + fp.result_file, fp.result_size))
         if changed:
             work(changed, known, reuse=result_ok)
@@ -128,8 +154,8 @@ def plan_fingerprints(ctx: RunContext, cases: dict[str, CaseFiles], records: dic
             work("interrupted", known)
         elif fp.state != TaskState.done:
             work(f"{fp.state.value} before", known)
-        elif fp.key != key:
-            work("number of cases or fingerprint extractor changed", known)
+        elif not plan.usable(fp.key):
+            work("fingerprint extractor changed, or fewer cases than its samples were drawn for", known)
         elif not result_ok:
             work("result file missing or altered", known)
         else:
@@ -170,7 +196,7 @@ class FingerprintHandler:
             return
         place_files([msg.result], self.ctx.layout.fingerprints, msg.case, group)
         self.ctx.ledger.fingerprint_done(
-            msg.case, self.ctx.run_id, self.plan.key, msg.input_digest, files,
+            msg.case, self.ctx.run_id, self.plan.result_key(msg.derivable), msg.input_digest, files,
             os.path.relpath(self.ctx.layout.fingerprints / msg.result.name, self.ctx.layout.work),
             msg.result.size, msg.result.sha256, msg.shape_after_crop or [], msg.spacing or [], msg.duration_s,
             msg.peak_rss, msg.header, [FindingRecord(msg.case, "warning", w.kind, w.path, w.message)
@@ -212,8 +238,8 @@ def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles
     good, left_out = [], []
     for name in cases:
         fp = records[name].fingerprint if name in records else None
-        if fp is not None and fp.state == TaskState.done and fp.key == plan.key and fp.result_sha256:
-            good.append((name, fp.result_file, fp.result_sha256))
+        if fp is not None and fp.state == TaskState.done and plan.usable(fp.key) and fp.result_sha256:
+            good.append((name, fp.result_file, fp.result_sha256, made_for(fp.key or "")))
         else:
             left_out.append(name)
     if not good:
@@ -222,7 +248,7 @@ def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles
     if left_out:
         log.warning("the dataset fingerprint leaves out %d case(s) whose fingerprint failed: %s", len(left_out),
                     ", ".join(left_out[:10]) + (" ..." if len(left_out) > 10 else ""))
-    key = key_of({"fingerprint": plan.key, "cases": [(n, sha) for n, _, sha in good],
+    key = key_of({"fingerprint": plan.key, "cases": [(n, sha) for n, _, sha, _ in good],
                   "channels": num_channels(dataset_json)})
     target = ctx.layout.fingerprint_json
     art = ctx.ledger.get_artifact(FINGERPRINT_JSON)
@@ -234,11 +260,11 @@ def aggregate(ctx: RunContext, plan: FingerprintPlan, cases: dict[str, CaseFiles
         log.warning("aggregating the dataset fingerprint needs about %s (nnU-Net samples 10e7 foreground voxels per "
                     "channel); the budget is %s", format_bytes(need), format_bytes(ctx.budget))
     log.info("Writing %s from %d case(s)", target.name, len(good))
-    results = tuple((name, str(ctx.layout.work / str(rel)), sha) for name, rel, sha in good)
+    results = tuple((name, str(ctx.layout.work / str(rel)), sha, count) for name, rel, sha, count in good)
     # on this machine the step may use what the budget leaves free to run its statistics side by side
     room = max(0, ctx.budget - ctx.pool.readings().tree) if ctx.pool.on_this_machine else 0
     result = ctx.run_one(AggregateTask(f"aggregate-{ctx.run_id}", results, dataset_json,
-                                       str(ctx.staging / "aggregate"), room))
+                                       str(ctx.staging / "aggregate"), plan.num_samples, room))
     place_artifact(result.staged, target, "fingerprint_aggregate")
     sha = result.staged.sha256
     ctx.ledger.set_artifact(FINGERPRINT_JSON, key, result.staged.size, sha, ctx.run_id,

@@ -194,14 +194,39 @@ ReaderWrap = Optional[Callable[[type], type]]
 
 
 def analyze_case(extractor: str, images: list[str], label: str, reader: str, num_samples: int,
-                 wrap_reader: ReaderWrap = None) -> tuple:
+                 wrap_reader: ReaderWrap = None, kept: Optional[list[Any]] = None) -> tuple:
     """One case's fingerprint, by the extractor class's own `analyze_case`.
 
-    `wrap_reader` may substitute a subclass of the reader/writer class (nnresume's input checks).
+    `wrap_reader` may substitute a subclass of the reader/writer class (nnresume's input checks). With `kept` (a
+    list), where the class analyses as nnU-Net's own does, what each channel's samples for fewer cases can be made
+    from is appended to it (samples.py): `collect_foreground_intensities` is wrapped for this call, its result
+    unchanged, and the foreground it was given is looked at once more.
     """
     cls: Any = fingerprint_extractor_class(extractor)
     rw = reader_writer(reader)
-    return cls.analyze_case(images, label, wrap_reader(rw) if wrap_reader else rw, num_samples)
+    rw = wrap_reader(rw) if wrap_reader else rw
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    if kept is None or cls.analyze_case is not DatasetFingerprintExtractor.analyze_case:
+        return cls.analyze_case(images, label, rw, num_samples)
+    from . import samples
+
+    original = DatasetFingerprintExtractor.__dict__["collect_foreground_intensities"]
+
+    def collect(segmentation: np.ndarray, images: np.ndarray, seed: int = samples.SEED,
+                num_samples: int = 10000) -> Any:
+        out = original.__func__(segmentation, images, seed, num_samples)
+        if seed == samples.SEED:
+            mask = segmentation[0] > 0
+            kept.extend(samples.keep(images[c][mask] if c else np.empty(0), c, num_samples)
+                        for c in range(len(images)))
+        return out
+
+    DatasetFingerprintExtractor.collect_foreground_intensities = staticmethod(collect)
+    try:
+        return cls.analyze_case(images, label, rw, num_samples)
+    finally:
+        DatasetFingerprintExtractor.collect_foreground_intensities = original
 
 
 def aggregate_fingerprint(summary: Callable[[int], list[tuple[int, str]]], load: Callable[[int], tuple],

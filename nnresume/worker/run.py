@@ -49,6 +49,7 @@ from ..tasks import (
 # Importing the adapter here makes the forkserver preload nnunetv2 once for every worker it forks.
 from . import (
     nnunet,  # noqa: E402
+    samples,
     validate,
 )
 from .files import file_stats, hash_input, input_digest, stage_files, staged_file, stat_input
@@ -118,9 +119,12 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
     observed: dict[str, Any] = {}
     capture = readcache.Capture(task.read_cache) if task.read_cache else None
     wrap = _validating(task.case, images, label, task.dataset_json, observed, capture)
+    kept: list[Any] = []
     result = validate.wrap_nnunet_errors(
         task.case, "fingerprint", images, label,
-        lambda: nnunet.analyze_case(task.extractor, images, label, task.reader_writer, task.num_samples, wrap))
+        lambda: nnunet.analyze_case(task.extractor, images, label, task.reader_writer, task.num_samples, wrap, kept))
+    # whether the samples for fewer per case (a dataset that grew) can be made from what is stored (samples.py)
+    derivable = len(kept) == len(result[2]) and samples.reproduces(list(result[2]), kept, task.num_samples)
     for f in files:
         st = stat_input(task.case, f.path)
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
@@ -135,7 +139,7 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
 
     def write(prefix: str) -> None:
         with open(prefix + ".fingerprint", "wb") as fh:
-            fh.write(blobs.dumps(result, summary))
+            fh.write(blobs.dumps((result, kept if derivable else None), summary))
 
     (staged,) = stage_files(task.staging, task.case, [name], write)
     shape_after_crop, spacing = result[0], result[1]
@@ -146,7 +150,7 @@ def run_fingerprint(task: FingerprintTask, send: Callable[[Any], None]) -> None:
         header["reader_spacing"] = [float(s) for s in observed["spacing"]]
     send(FingerprintResult(task.case, tuple(files), digest, unchanged=False, result=staged,
                            shape_after_crop=[int(s) for s in shape_after_crop], spacing=[float(s) for s in spacing],
-                           header=header, duration_s=time.time() - t0, peak_rss=peak_rss(),
+                           header=header, derivable=derivable, duration_s=time.time() - t0, peak_rss=peak_rss(),
                            warnings=case_warnings(task.case, images, label, task.dataset_json,
                                                            task.reader_writer, observed)))
 
@@ -206,17 +210,19 @@ def _disk_full(path: str) -> bool:
 
 
 def run_aggregate(task: AggregateTask, send: Callable[[Any], None]) -> None:
+    # each case's result was made for n samples per case, n >= the dataset's count now (task.num_samples)
     def summary(i: int) -> list[tuple[int, str]]:
-        return blobs.read_summary(task.results[i][1])
+        return [(min(length, task.num_samples), dtype) for length, dtype in blobs.read_summary(task.results[i][1])]
 
     def load(i: int) -> tuple:
-        case, path, sha = task.results[i]
+        case, path, sha, made_for = task.results[i]
         with open(path, "rb") as f:
             blob = f.read()
         if hashlib.sha256(blob).hexdigest() != sha:
             raise CaseError(case, "its fingerprint result does not match the checksum the ledger recorded", path,
                             "run the same command again: the case is fingerprinted again")
-        return blobs.loads(blob)
+        result, kept = blobs.loads(blob)
+        return samples.for_count(result, kept, made_for, task.num_samples)
 
     def memory_left() -> int:
         # the tree may grow by what the orchestrator found free under the budget, less this worker's growth so far
