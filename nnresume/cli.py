@@ -4,8 +4,8 @@ errors become exit codes in one place (`NnresumeGroup.invoke`).
 Exit codes (errors.py): 0 done; 1 error (the run could not go on); 2 usage; 3 finished, but some cases failed or are
 quarantined; 130 stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM (e.g. a scheduler's time limit).
 
-Size: over 400 lines only because of click's option declarations (65 options, most of them nnU-Net's, taken one
-by one by `preprocess` and `predict`); the code beside them is short.
+Size: over 400 lines only because of click's option declarations (about 70 options, most of them nnU-Net's, for
+the preprocessing steps and `predict`); the code beside them is short.
 """
 from __future__ import annotations
 
@@ -121,68 +121,71 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.obj = {"verbose": verbose}
 
 
-@main.command(cls=NnUNetStyleCommand)
-@click.option("-d", "datasets", multiple=True, required=True,
-              help="Dataset id or name (Dataset001_Heart); several allowed: -d 1 2.")
-@click.option("-c", "configurations", multiple=True,
-              help=f"Configurations to preprocess. Default: {' '.join(DEFAULT_CONFIGURATIONS)}; those the plans do "
-                   "not contain are skipped. 3d_cascade_fullres uses 3d_fullres's data.")
-@click.option("-pl", "planner", default="ExperimentPlanner", show_default=True,
-              help="Experiment planner class, e.g. nnUNetPlannerResEncM.")
-@click.option("-fpe", "fingerprint_extractor", default="DatasetFingerprintExtractor", show_default=True,
-              help="Dataset fingerprint extractor class.")
-@click.option("-gpu_memory_target", type=float, default=None, help="GPU memory target for the planner, in GB.")
-@click.option("-overwrite_plans_name", default=None, help="Custom plans identifier.")
-@click.option("-overwrite_target_spacing", multiple=True, help="Target spacing for 3d_fullres (three numbers).")
-@click.option("-preprocessor_name", default="DefaultPreprocessor", show_default=True,
-              help="Preprocessor class written into the plans.")
-@click.option("--verify_dataset_integrity", "--verify-dataset-integrity", "verify_integrity", is_flag=True,
-              help="Run nnU-Net's dataset integrity check first.")
-@click.option("-np", "num_workers", type=click.IntRange(min=1), default=None,
-              help="At most this many cases at once. Default: the CPUs this process may use.")
-@click.option("-npfp", "num_workers_fingerprint", type=click.IntRange(min=1), default=None,
-              help="At most this many cases at once during the fingerprint stage. Default: -np.")
-@click.option("--max-ram", "max_ram", default=None,
-              help="Memory budget for the whole process tree: 28G, 512M, or a fraction of available memory such "
-                   "as 0.8. Default: available memory (cgroup-aware) minus a reserve.")
-@click.option("--no-pbar", "--no_pbar", "no_pbar", is_flag=True, help="No progress bars (for logs and clusters).")
-@click.option("--verify-outputs", is_flag=True, help="Also check every finished output's checksum before skipping it.")
-@click.option("--retry-quarantined", is_flag=True, help="Try quarantined cases again even if nothing changed.")
-@click.option("--replan", is_flag=True, help="Run the planner even if its inputs did not change.")
-@click.option("--grace", "grace_seconds", type=float, default=20.0, show_default=True,
-              help="Seconds running cases get to finish after SIGINT/SIGTERM before they are stopped.")
-@click.option("--strict", is_flag=True,
-              help="Fail cases with warnings (NaN read as 0, image and label not aligned, only background) instead "
-                   "of preprocessing them as nnU-Net would.")
-@click.option("--allow-oversize", is_flag=True,
-              help="Let a case that runs alone go past --max-ram instead of stopping and quarantining it.")
-@click.option("--dry-run", is_flag=True, help="Say what would run and why, and change nothing.")
-@click.option("--scheduler-address", default=None,
-              help="Run the cases on this Dask scheduler's workers (tcp://HOST:8786); see README, On a cluster.")
-@click.option("--scheduler-file", default=None, type=click.Path(dir_okay=False),
-              help="Run the cases on the Dask scheduler that wrote this file (dask scheduler --scheduler-file).")
-def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], planner: str, fingerprint_extractor: str,
-               gpu_memory_target: Optional[float], overwrite_plans_name: Optional[str],
-               overwrite_target_spacing: tuple[str, ...], preprocessor_name: str, verify_integrity: bool,
-               num_workers: Optional[int], num_workers_fingerprint: Optional[int], max_ram: Optional[str],
-               no_pbar: bool, verify_outputs: bool, retry_quarantined: bool, replan: bool, grace_seconds: float,
-               strict: bool, allow_oversize: bool, dry_run: bool, scheduler_address: Optional[str],
-               scheduler_file: Optional[str]) -> None:
-    """Fingerprint, plan and preprocess datasets, resuming whatever an earlier run left unfinished."""
+def _options(*decorators: Any) -> Any:
+    """Several click options as one decorator, in the order --help lists them."""
+    def apply(fn: Any) -> Any:
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+    return apply
+
+
+# the options of every preprocessing step (nnUNetv2_extract_fingerprint's, and what resuming adds)
+_RUN_OPTIONS = _options(
+    click.option("-d", "datasets", multiple=True, required=True,
+                 help="Dataset id or name (Dataset001_Heart); several allowed: -d 1 2."),
+    click.option("-fpe", "fingerprint_extractor", default="DatasetFingerprintExtractor", show_default=True,
+                 help="Dataset fingerprint extractor class."),
+    click.option("--verify_dataset_integrity", "--verify-dataset-integrity", "verify_dataset_integrity",
+                 is_flag=True,
+                 help="Run nnU-Net's dataset integrity check first."),
+    click.option("-np", "num_workers", type=click.IntRange(min=1), default=None,
+                 help="At most this many cases at once. Default: the CPUs this process may use."),
+    click.option("-npfp", "num_workers_fingerprint", type=click.IntRange(min=1), default=None,
+                 help="At most this many cases at once during the fingerprint stage. Default: -np."),
+    click.option("--max-ram", "max_ram", default=None,
+                 help="Memory budget for the whole process tree: 28G, 512M, or a fraction of available memory such "
+                      "as 0.8. Default: available memory (cgroup-aware) minus a reserve."),
+    click.option("--no-pbar", "--no_pbar", "no_pbar", is_flag=True, help="No progress bars (for logs and clusters)."),
+    click.option("--retry-quarantined", is_flag=True, help="Try quarantined cases again even if nothing changed."),
+    click.option("--grace", "grace_seconds", type=float, default=20.0, show_default=True,
+                 help="Seconds running cases get to finish after SIGINT/SIGTERM before they are stopped."),
+    click.option("--strict", is_flag=True,
+                 help="Fail cases with warnings (NaN read as 0, image and label not aligned, only background) "
+                      "instead of preprocessing them as nnU-Net would."),
+    click.option("--allow-oversize", is_flag=True,
+                 help="Let a case that runs alone go past --max-ram instead of stopping and quarantining it."),
+    click.option("--dry-run", is_flag=True, help="Say what would run and why, and change nothing."),
+    click.option("--scheduler-address", default=None,
+                 help="Run the cases on this Dask scheduler's workers (tcp://HOST:8786); see README, On a cluster."),
+    click.option("--scheduler-file", default=None, type=click.Path(dir_okay=False),
+                 help="Run the cases on the Dask scheduler that wrote this file (dask scheduler --scheduler-file)."),
+)
+# nnUNetv2_plan_experiment's options
+_PLAN_OPTIONS = _options(
+    click.option("-pl", "planner", default="ExperimentPlanner", show_default=True,
+                 help="Experiment planner class, e.g. nnUNetPlannerResEncM."),
+    click.option("-gpu_memory_target", type=float, default=None, help="GPU memory target for the planner, in GB."),
+    click.option("-overwrite_plans_name", default=None, help="Custom plans identifier."),
+    click.option("-overwrite_target_spacing", multiple=True, help="Target spacing for 3d_fullres (three numbers)."),
+    click.option("-preprocessor_name", default="DefaultPreprocessor", show_default=True,
+                 help="Preprocessor class written into the plans."),
+    click.option("--replan", is_flag=True, help="Run the planner even if its inputs did not change."),
+)
+
+
+def _run_steps(steps: str, max_ram: Optional[str], no_pbar: bool, dry_run: bool, scheduler_address: Optional[str],
+               scheduler_file: Optional[str], overwrite_target_spacing: tuple[str, ...] = (),
+               configurations: tuple[str, ...] = (), **options: Any) -> None:
+    """The preprocessing steps up to `steps` (fingerprint, plan, preprocess) for the datasets, or their dry run."""
     from .config import MemoryBudget
 
     paths = Paths.from_environment()
     settings = PreprocessSettings(
-        datasets=datasets, configurations=configurations or DEFAULT_CONFIGURATIONS,
-        explicit_configurations=bool(configurations), planner=planner,
-        fingerprint_extractor=fingerprint_extractor, gpu_memory_target=gpu_memory_target,
-        overwrite_plans_name=overwrite_plans_name,
-        overwrite_target_spacing=parse_spacing(overwrite_target_spacing), preprocessor_name=preprocessor_name,
-        verify_dataset_integrity=verify_integrity, num_workers=num_workers,
-        num_workers_fingerprint=num_workers_fingerprint,
-        max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(), progress_bar=not no_pbar,
-        verify_outputs=verify_outputs, retry_quarantined=retry_quarantined, replan=replan,
-        grace_seconds=grace_seconds, dry_run=dry_run, strict=strict, allow_oversize=allow_oversize)
+        steps=steps, configurations=configurations or DEFAULT_CONFIGURATIONS,
+        explicit_configurations=bool(configurations), overwrite_target_spacing=parse_spacing(overwrite_target_spacing),
+        max_ram=parse_memory(max_ram) if max_ram else MemoryBudget(), progress_bar=not no_pbar, dry_run=dry_run,
+        **options)
     if settings.max_ram.bytes is not None:
         check_budget(settings.max_ram.bytes, settings.max_ram)
     if dry_run:
@@ -196,6 +199,50 @@ def preprocess(datasets: tuple[str, ...], configurations: tuple[str, ...], plann
     from .preprocess.run import preprocess_datasets
 
     sys.exit(preprocess_datasets(settings, paths, scheduler_address, scheduler_file))
+
+
+@main.command(cls=NnUNetStyleCommand)
+@_RUN_OPTIONS
+@click.option("-c", "configurations", multiple=True,
+              help=f"Configurations to preprocess. Default: {' '.join(DEFAULT_CONFIGURATIONS)}; those the plans do "
+                   "not contain are skipped. 3d_cascade_fullres uses 3d_fullres's data.")
+@click.option("-plans_name", "plans_name", default=None,
+              help="Preprocess against these existing plans (nnUNet_preprocessed/<dataset>/NAME.json), as "
+                   "nnUNetv2_preprocess -plans_name does: no planning, and the file is never written.")
+@click.option("--no_pp", "--no-pp", "no_pp", is_flag=True,
+              help="Fingerprint and plan only, as nnUNetv2_plan_and_preprocess --no_pp (= plan-experiment).")
+@_PLAN_OPTIONS
+@click.option("--verify-outputs", is_flag=True, help="Also check every finished output's checksum before skipping it.")
+def preprocess(plans_name: Optional[str], no_pp: bool, **options: Any) -> None:
+    """Fingerprint, plan and preprocess datasets, resuming whatever an earlier run left unfinished
+    (nnUNetv2_plan_and_preprocess); with -plans_name, preprocess against existing plans (nnUNetv2_preprocess)."""
+    if plans_name is not None:
+        planning = {"-pl": options["planner"] != "ExperimentPlanner", "--no_pp": no_pp, "--replan": options["replan"],
+                    "-gpu_memory_target": options["gpu_memory_target"] is not None,
+                    "-overwrite_plans_name": options["overwrite_plans_name"] is not None,
+                    "-overwrite_target_spacing": bool(options["overwrite_target_spacing"]),
+                    "-preprocessor_name": options["preprocessor_name"] != "DefaultPreprocessor"}
+        given = [flag for flag, on in planning.items() if on]
+        if given:
+            raise click.UsageError(f"-plans_name preprocesses against existing plans; {', '.join(given)} "
+                                   "belong(s) to planning (plan-experiment)")
+    _run_steps("plan" if no_pp else "preprocess", plans_name=plans_name, **options)
+
+
+@main.command("extract-fingerprint", cls=NnUNetStyleCommand)
+@_RUN_OPTIONS
+def extract_fingerprint(**options: Any) -> None:
+    """The fingerprint step alone (nnUNetv2_extract_fingerprint): every case's fingerprint, then
+    dataset_fingerprint.json; resumable, and never stale (cases added or changed are analysed)."""
+    _run_steps("fingerprint", **options)
+
+
+@main.command("plan-experiment", cls=NnUNetStyleCommand)
+@_RUN_OPTIONS
+@_PLAN_OPTIONS
+def plan_experiment(**options: Any) -> None:
+    """Fingerprint (what is not done yet) and plan (nnUNetv2_plan_experiment; preprocess --no_pp)."""
+    _run_steps("plan", **options)
 
 
 @main.command(cls=NnUNetStyleCommand)

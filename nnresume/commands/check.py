@@ -33,6 +33,7 @@ from ..execution.pools.base import Pool
 from ..execution.runner import Runner, StopFlag
 from ..execution.scheduler import QueueItem, Scheduler
 from ..geometry import geometry, likely_reader, read_header
+from ..io import atomic
 from ..ledger.models import TaskState
 from ..progress import StageProgress
 from ..tasks import InspectResult, InspectTask, ReaderTask
@@ -293,12 +294,19 @@ def _check_preprocessed(layout: DatasetLayout, result: DatasetCheck) -> None:
                         "error", f"{path.name}: configuration {name} has {len(conf[key])} {key} for {n} channel(s) "
                                  f"in dataset.json; nnU-Net would fail with an IndexError in normalisation",
                     ))
+    _check_fingerprint_file(layout, result)
     if layout.ledger.is_file():
         from ..ledger.models import TaskState
         from ..ledger.repository import Ledger
 
         ledger = Ledger.open(str(layout.ledger), create=False)
         try:
+            art = ledger.get_artifact("dataset_fingerprint.json")
+            if (art is not None and layout.fingerprint_json.is_file()
+                    and atomic.file_digest(layout.fingerprint_json) != art.sha256):
+                result.findings.append(Finding("warning", f"{layout.fingerprint_json} is not the fingerprint nnresume "
+                                                          "computed (changed or written by another tool); `nnresume "
+                                                          "preprocess` writes it again"))
             for rec in ledger.load_cases().values():
                 for ident, out in rec.outputs.items():
                     if out.state != TaskState.done:
@@ -311,6 +319,21 @@ def _check_preprocessed(layout: DatasetLayout, result: DatasetCheck) -> None:
                                                            rec.name))
         finally:
             ledger.close()
+
+
+def _check_fingerprint_file(layout: DatasetLayout, result: DatasetCheck) -> None:
+    """dataset_fingerprint.json lists one shape per case: one that describes another number of cases is stale.
+    nnUNetv2_plan_and_preprocess and nnUNetv2_extract_fingerprint without --clean reuse it as it is, so plans made
+    from it describe the dataset as it was (nnresume's own is written again whenever a case changes)."""
+    try:
+        shapes = json.loads(layout.fingerprint_json.read_text()).get("shapes_after_crop")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(shapes, list) and len(shapes) != result.cases:
+        result.findings.append(Finding(
+            "warning", f"{layout.fingerprint_json} describes {len(shapes)} case(s) but the dataset has "
+                       f"{result.cases}: nnU-Net's planning would reuse it as it is unless run with --clean; "
+                       "`nnresume preprocess` (or `nnresume extract-fingerprint`) computes it for the cases there are"))
 
 
 def agreement(results: list[DatasetCheck]) -> list[Finding]:

@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..config import Paths, PreprocessSettings
-from ..dataset import DatasetLayout, layout_for, list_cases, load_dataset_json, nnunetv2_version, orphan_labels
+from ..dataset import (
+    GT_IDENTIFIER,
+    DatasetLayout,
+    layout_for,
+    list_cases,
+    load_dataset_json,
+    nnunetv2_version,
+    orphan_labels,
+)
 from ..ledger.repository import ArtifactRecord, Ledger
-from ..preprocess import fingerprint, outputs, planning
+from ..preprocess import fingerprint, given, outputs, planning
 
 
 @dataclass
@@ -48,6 +56,7 @@ class DryRun:
     outputs_up_to_date: int = 0
     blocked: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # the run would report these as failed
+    plan_changes: list[str] = field(default_factory=list)  # since the outputs were last made from these plans
     notes: list[str] = field(default_factory=list)
 
 
@@ -74,12 +83,20 @@ def plan_dry_run(settings: PreprocessSettings, paths: Paths, name_or_id: str) ->
             out.notes.append("files whose size or time changed would be hashed: if their content is unchanged, "
                              "nothing more is redone for them")
 
+        if settings.steps == "fingerprint":
+            out.plans = "not made (the fingerprint step alone)"
+            return out
         art = ctx.ledger.get_artifact(fingerprint.FINGERPRINT_JSON)
         fp_ok = art is not None and layout.fingerprint_json.is_file() and not fplan.work and not out.removed
         current = planning.up_to_date_plans(ctx, art.sha256) if fp_ok and art else None  # type: ignore[arg-type]
-        if current is not None:
+        plans: Optional[dict[str, Any]] = None
+        if settings.plans_name is not None:
+            path, plans = given.load(layout, settings.plans_name, dataset_json, settings.configurations,
+                                     settings.explicit_configurations)
+            out.plans = f"given: {path.name}, used as it is"
+        elif current is not None:
             out.plans = f"up to date ({current[0].name})"
-            plans: Optional[dict[str, Any]] = current[1]
+            plans = current[1]
         else:
             out.plans = ("made again only if the dataset fingerprint changes" if fplan.work or out.removed
                          else "would be made: no plans recorded for these arguments" if not settings.replan
@@ -92,10 +109,16 @@ def plan_dry_run(settings: PreprocessSettings, paths: Paths, name_or_id: str) ->
                     plans = planning.load_plans(path)
                     out.notes.append("outputs below are judged against the current plans; new plans may change "
                                      "more configurations")
+        if settings.steps == "plan":
+            return out
         if plans is None:
             out.notes.append("no plans yet: every case would be preprocessed in every configuration the plans make")
             return out
         scope = outputs.configurations_in_scope(ctx, plans, dataset_json)  # type: ignore[arg-type]
+        path = layout.preprocessed / f"{plans['plans_name']}.json" if settings.plans_name is None else path
+        out.plan_changes = planning.changes_since_last_use(layout, path, plans,
+                                                           [c.configuration for c in scope if c.configuration
+                                                            != GT_IDENTIFIER])
         pplan = outputs.plan_outputs(ctx, cases, records, plans, scope)  # type: ignore[arg-type]
         names = {c.data_identifier: c.configuration for c in scope}
         grouped: dict[str, dict[str, list[str]]] = defaultdict(dict)
@@ -125,12 +148,14 @@ def render(d: DryRun) -> str:
     for reason, names in sorted(d.fingerprint.items()):
         lines.append(f"    {len(names)} {reason}: {cases(names)}")
     lines.append(f"  plans: {d.plans}")
+    for change in d.plan_changes:
+        lines.append(f"    plans changed: {change}")
     for conf, reasons in d.outputs.items():
         n = len({c for names in reasons.values() for c in names})
         lines.append(f"  {conf}: {n} case(s) to preprocess")
         for reason, names in sorted(reasons.items()):
             lines.append(f"    {len(names)} {reason}: {cases(names)}")
-    if d.outputs or d.plans.startswith("up to date"):
+    if d.outputs or d.plans.startswith(("up to date", "given")):
         lines.append(f"  {d.outputs_up_to_date} case(s) up to date in every configuration")
     for case, why in list(d.blocked.items())[:10]:
         lines.append(f"  {case}: cannot be preprocessed: {why}")

@@ -63,6 +63,8 @@ def build_status(layout: DatasetLayout, ledger: Ledger, command: str = "preproce
         }
     if command == "predict":
         del stages["fingerprint"]
+    else:
+        out["plans_changed"] = _plans_changed(layout, list(configurations.values()))
     out["stages"] = stages
     out["failures"] = failures_by_case(rows.fingerprint_failures, rows.output_failures, list(configurations))
     findings = ledger.findings()
@@ -85,6 +87,25 @@ def build_status(layout: DatasetLayout, ledger: Ledger, command: str = "preproce
     else:
         out["last_run"] = None
     return out
+
+
+def _plans_changed(layout: DatasetLayout, configurations: list[Any]) -> list[str]:
+    """How each plans file in use differs from the copy kept when its outputs were last made (an edit since)."""
+    import json
+
+    from ..preprocess.planning import changes_since_last_use
+
+    found: list[str] = []
+    for identifier in sorted({c.plans_identifier for c in configurations}):
+        path = layout.preprocessed / f"{identifier}.json"
+        try:
+            plans = json.loads(path.read_text())
+            names = [c.configuration for c in configurations
+                     if c.plans_identifier == identifier and c.data_identifier != GT_IDENTIFIER]
+            found += [f"{path.name}: {line}" for line in changes_since_last_use(layout, path, plans, names)]
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            found.append(f"{path.name}: cannot be read ({e})")
+    return found
 
 
 def failures_by_case(fingerprint: list[tuple[Any, ...]], outputs: list[tuple[Any, ...]],
@@ -146,6 +167,10 @@ def render_status(s: dict[str, Any]) -> str:
     for p in s.get("problems", []):
         lines.append("")
         lines.append(f"dataset problem: {p['message']}")
+    if s.get("plans_changed"):
+        lines.append("")
+        lines.append("plans changed since the outputs were made (`nnresume preprocess` redoes what they change):")
+        lines += [f"  {line}" for line in s["plans_changed"][:20]]
     if s["failures"]:
         lines.append("")
         lines.append(f"failed or quarantined ({len(s['failures'])} case(s)):")

@@ -35,7 +35,7 @@ from ..ledger.models import RunStatus, TaskState
 from ..ledger.repository import CaseRecord, FindingRecord, Ledger
 from ..session import Outcome, run_session
 from ..tasks import ClassCheckTask, IntegrityTask, ReaderTask
-from . import fingerprint, outputs, planning
+from . import fingerprint, given, outputs, planning
 from .context import RunContext
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,25 @@ def _reloaded(ledger: Ledger, records: dict[str, CaseRecord]) -> dict[str, CaseR
     return ledger.load_cases()
 
 
+def _check_given_preprocessors(ctx: RunContext, path: Any, plans: dict[str, Any]) -> None:
+    """The preprocessor classes the given plans name for the configurations in scope exist where nnU-Net looks."""
+    scope = [c for c in ctx.settings.configurations if c in plans["configurations"]]
+    for name in sorted(given.preprocessor_names(plans, scope) - {DEFAULT_CLASSES[2]}):
+        try:
+            ctx.run_one(ClassCheckTask(f"classes-{ctx.run_id}", DEFAULT_CLASSES[0], DEFAULT_CLASSES[1], name))
+        except UsageError as e:
+            raise UsageError(f"{path.name}: {e.message.lstrip('-')}", e.hint) from None
+
+
 def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, CaseFiles]) -> dict[str, CaseRecord]:
-    """The three stages; returns the ledger's cases as they are at the end."""
+    """The stages `settings.steps` asks for (with given plans: the fingerprints, then the outputs); returns the
+    ledger's cases as they are at the end."""
     s, layout, ledger = ctx.settings, ctx.layout, ctx.ledger
-    if (s.planner, s.fingerprint_extractor, s.preprocessor_name) != DEFAULT_CLASSES:
+    given_plans = None
+    if s.plans_name is not None:
+        given_plans = given.load(layout, s.plans_name, dataset_json, s.configurations, s.explicit_configurations)
+        _check_given_preprocessors(ctx, *given_plans)
+    elif (s.planner, s.fingerprint_extractor, s.preprocessor_name) != DEFAULT_CLASSES:
         ctx.run_one(ClassCheckTask(f"classes-{ctx.run_id}", s.planner, s.fingerprint_extractor,
                                    s.preprocessor_name))
     orphans = _dataset_problems(ctx, dataset_json, cases)
@@ -151,12 +166,21 @@ def _stages(ctx: RunContext, dataset_json: dict[str, Any], cases: dict[str, Case
     if s.strict:
         _strict(ctx, records)
         records = _reloaded(ledger, records)
-    fingerprint_sha, _ = fingerprint.aggregate(ctx, fplan, cases, dataset_json, records)
-    if ctx.stop:
-        raise Interrupted(ctx.stop.signal_name or "signal", ctx.stop.exit_code)
-
-    plans_path, plans = _plan(ctx, fingerprint_sha, dataset_json, cases)
+    if given_plans is not None:  # used as they are: no dataset fingerprint, no planning
+        plans_path, plans = given_plans
+        planning.copy_dataset_json(ctx)
+        log.info("Preprocessing against the given plans %s (never written)", plans_path)
+    else:
+        fingerprint_sha, _ = fingerprint.aggregate(ctx, fplan, cases, dataset_json, records)
+        if ctx.stop:
+            raise Interrupted(ctx.stop.signal_name or "signal", ctx.stop.exit_code)
+        if s.steps == "fingerprint":
+            return records
+        plans_path, plans = _plan(ctx, fingerprint_sha, dataset_json, cases)
+        if s.steps == "plan":
+            return records
     scope = outputs.configurations_in_scope(ctx, plans, dataset_json)
+    planning.use(ctx, plans_path, plans, [c.configuration for c in scope if c.data_identifier != GT_IDENTIFIER])
     ledger.set_configurations(scope)
     rekeyed = ledger.rekey_outputs(scope)
     if rekeyed:
@@ -250,7 +274,11 @@ def run_dataset(settings: PreprocessSettings, paths: Paths, name_or_id: str, sto
     if not cases:
         raise DatasetError(f"no training cases in {layout.raw / 'imagesTr'}",
                            f"expected files named <case>_0000{dataset_json['file_ending']}")
-    check_configuration_names(settings, layout)
+    if settings.plans_name is not None:  # what can be wrong with given plans is said before anything is written
+        given.load(layout, settings.plans_name, dataset_json, settings.configurations,
+                   settings.explicit_configurations)
+    else:
+        check_configuration_names(settings, layout)
     available = system.available_memory()
     budget = resolve_budget(settings.max_ram.bytes, settings.max_ram.fraction, available,
                             system.cgroup_is_tighter())

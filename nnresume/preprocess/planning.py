@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..dataset import key_of
+from ..dataset import DatasetLayout, key_of, resolve_configuration
 from ..errors import DatasetError
 from ..io import atomic
 from ..tasks import PlanTask
@@ -64,6 +64,16 @@ def up_to_date_plans(ctx: RunContext, fingerprint_sha: str) -> tuple[Path, dict[
     return path, plans
 
 
+def copy_dataset_json(ctx: RunContext) -> None:
+    """dataset.json beside the plans, as nnU-Net's planner copies it there (training and nnUNetv2_preprocess read that
+    copy); written atomically, and only where it is missing or differs from the raw dataset's."""
+    raw, copied = ctx.layout.raw / DATASET_JSON, ctx.layout.preprocessed / DATASET_JSON
+    if _digest_or_none(copied) != _digest_or_none(raw):
+        if copied.is_file():
+            log.info("%s differs from %s; replaced by a copy of it", copied, raw)
+        atomic.copy_file(raw, copied, ctx.staging)
+
+
 def plan(ctx: RunContext, fingerprint_sha: str, reader_writer: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Runs the planner in a worker (the caller has checked `up_to_date_plans` first)."""
     s = ctx.settings
@@ -75,8 +85,65 @@ def plan(ctx: RunContext, fingerprint_sha: str, reader_writer: str | None = None
     path = ctx.layout.preprocessed / f"{identifier}.json"
     place_artifact(result.staged, path, "plans_write")
     # the planner copies dataset.json with a plain copy; make sure a complete copy is what stays
-    atomic.copy_file(ctx.layout.raw / DATASET_JSON, ctx.layout.preprocessed / DATASET_JSON, ctx.staging)
+    copy_dataset_json(ctx)
     ctx.ledger.set_artifact(PLANS, plans_key(ctx, fingerprint_sha), path.stat().st_size, atomic.file_digest(path),
                             ctx.run_id, {"plans_identifier": identifier, "planner": s.planner})
     log.info("Plans written to %s", path)
     return path, load_plans(path)
+
+
+# plan-level fields the preprocessor reads (dataset.config_hash), besides each configuration's own
+_PLAN_FIELDS = ("transpose_forward", "image_reader_writer", "label_manager",
+                "foreground_intensity_properties_per_channel")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def changes(old: dict[str, Any], new: dict[str, Any], configurations: list[str]) -> list[str]:
+    """What differs between two plans for the given configurations, one line per field: "3d_fullres spacing
+    [1.0, 0.5, 0.5] -> [1.1, 0.5, 0.5]"."""
+    lines = []
+    for key in _PLAN_FIELDS:
+        if old.get(key) != new.get(key):
+            lines.append(f"{key} {_short(old.get(key))} -> {_short(new.get(key))}")
+    for name in configurations:
+        if name not in new.get("configurations", {}):
+            continue
+        if name not in old.get("configurations", {}):
+            lines.append(f"{name}: new configuration")
+            continue
+        a, b = resolve_configuration(old, name), resolve_configuration(new, name)
+        lines += [f"{name} {key} {_short(a.get(key))} -> {_short(b.get(key))}"
+                  for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return lines
+
+
+def _in_use(layout: DatasetLayout, plans_path: Path) -> Path:
+    return layout.work / "plans-in-use" / plans_path.name
+
+
+def changes_since_last_use(layout: DatasetLayout, plans_path: Path, plans: dict[str, Any],
+                           configurations: list[str]) -> list[str]:
+    """How `plans` differ from the copy kept when outputs were last made from a plans file of that name."""
+    try:
+        old = json.loads(_in_use(layout, plans_path).read_text())
+    except (OSError, ValueError):
+        return []
+    return changes(old, plans, configurations)
+
+
+def use(ctx: RunContext, plans_path: Path, plans: dict[str, Any], configurations: list[str]) -> list[str]:
+    """Says how the plans differ from those the outputs were last made from (so that a user sees why outputs are
+    redone), and keeps a copy of these as the ones in use. Returns the differences."""
+    found = changes_since_last_use(ctx.layout, plans_path, plans, configurations)
+    for line in found:
+        log.info("plans changed: %s", line)
+    kept = _in_use(ctx.layout, plans_path)
+    if not found and kept.is_file() and atomic.file_digest(kept) == atomic.file_digest(plans_path):
+        return found
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    atomic.copy_file(plans_path, kept, ctx.staging)
+    return found
