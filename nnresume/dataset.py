@@ -254,12 +254,28 @@ def _statistics_read(plans: dict[str, Any], resolved: dict[str, Any]) -> dict[st
     return out
 
 
+# The configuration fields nnU-Net's DefaultPreprocessor reads (its configuration_manager properties, nnunetv2 2.8.1;
+# patch_size sets the blosc2 chunks and blocks of the written arrays). The rest (batch size, the network's topology,
+# the median image size) is for training, and the planner changes it as a dataset grows (the batch size of a small
+# dataset is capped by its total size) without changing a preprocessed file. Another preprocessor class may read
+# anything: its configuration is hashed whole.
+PREPROCESSOR_FIELDS = frozenset({"data_identifier", "preprocessor_name", "spacing", "patch_size",
+                                 "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
+                                 "resampling_fn_data_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs"})
+
+
+def _fields_read(resolved: dict[str, Any]) -> dict[str, Any]:
+    if resolved.get("preprocessor_name", "DefaultPreprocessor") != "DefaultPreprocessor":
+        return resolved
+    return {k: v for k, v in resolved.items() if k in PREPROCESSOR_FIELDS}
+
+
 def _config_payload(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any], version: str,
-                    plan_keys: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+                    plan_keys: tuple[str, ...], whole: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     resolved = resolve_configuration(plans, configuration)
     return resolved, {
         "format": OUTPUT_FORMAT_VERSION,
-        "configuration": resolved,
+        "configuration": resolved if whole else _fields_read(resolved),
         "plans_identifier": plans.get("plans_name"),
         "preprocessor": resolved.get("preprocessor_name"),
         "nnunetv2": version,
@@ -272,23 +288,27 @@ def _config_payload(plans: dict[str, Any], configuration: str, dataset_json: dic
 def config_hash(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any], version: str) -> str:
     """What a configuration's outputs depend on besides the case's input files.
 
-    The configuration's resolved dict, the plans identifier, the preprocessor class, nnunetv2's version, the labels of
-    dataset.json, and the plan-level fields the preprocessor reads (transpose, reader/writer, label manager, and the
-    foreground intensity statistics of the channels whose normalisation reads them: `_statistics_read`).
+    The fields of the configuration's resolved dict that the preprocessor reads (`PREPROCESSOR_FIELDS`), the plans
+    identifier, the preprocessor class, nnunetv2's version, the labels of dataset.json, and the plan-level fields the
+    preprocessor reads (transpose, reader/writer, label manager, and the foreground intensity statistics of the
+    channels whose normalisation reads them: `_statistics_read`).
     """
     resolved, payload = _config_payload(plans, configuration, dataset_json, version,
-                                        ("transpose_forward", "image_reader_writer", "label_manager"))
+                                        ("transpose_forward", "image_reader_writer", "label_manager"), whole=False)
     return _digest({**payload, "statistics": _statistics_read(plans, resolved)})
 
 
-def earlier_config_hash(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
-                        version: str) -> str:
-    """The hash outputs were keyed on before `config_hash` left out the statistics no normalisation reads: every
-    channel's were in it. An output keyed on it is as valid as one keyed on `config_hash` while it matches the
-    current plans (it is the stricter of the two); a run rewrites such rows to the current hash."""
-    _, payload = _config_payload(plans, configuration, dataset_json, version,
-                                 ("transpose_forward", "image_reader_writer", "label_manager", *_STATISTICS_KEYS))
-    return _digest(payload)
+def earlier_config_hashes(plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any],
+                          version: str) -> tuple[str, ...]:
+    """The hashes outputs were keyed on before, computed from the current plans: with the whole configuration (before
+    `config_hash` kept only what the preprocessor reads), and before that with every channel's statistics too. Each
+    is stricter than `config_hash`, so an output keyed on one is as valid while it matches the current plans; a run
+    rewrites such rows to the current hash."""
+    resolved, payload = _config_payload(plans, configuration, dataset_json, version,
+                                        ("transpose_forward", "image_reader_writer", "label_manager"))
+    _, oldest = _config_payload(plans, configuration, dataset_json, version,
+                                ("transpose_forward", "image_reader_writer", "label_manager", *_STATISTICS_KEYS))
+    return _digest({**payload, "statistics": _statistics_read(plans, resolved)}), _digest(oldest)
 
 
 def gt_hash(dataset_json: dict[str, Any]) -> str:

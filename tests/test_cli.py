@@ -102,13 +102,15 @@ def test_status_report_and_dry_run(raw_root: Path, finished_small: Workspace, tm
     img.touch()
     (dataset / "nnUNetPlans_2d" / "small_0004.b2nd").unlink()
     plans = json.loads((dataset / "nnUNetPlans.json").read_text())
-    plans["configurations"]["3d_fullres"]["batch_size"] = 3
+    old_patch = plans["configurations"]["3d_fullres"]["patch_size"]
+    plans["configurations"]["3d_fullres"]["patch_size"] = [p // 2 for p in old_patch]  # the arrays' blosc2 chunks
     (dataset / "nnUNetPlans.json").write_text(json.dumps(plans))
     before = ledger_query(ledger, "select count(*) from runs")[0][0]
     dry = run_nnresume(raw, pp, "preprocess", "-d", did, "--dry-run").stdout
     assert "1 image file size or time changed: small_0001" in dry, dry
     assert re.search(r"2d: 1 case\(s\) to preprocess\n\s+1 output missing: small_0004", dry), dry
     assert re.search(r"3d_fullres: 8 case\(s\) to preprocess\n\s+8 configuration changed", dry), dry
+    assert f"plans changed: 3d_fullres patch_size {json.dumps(old_patch)} -> " in dry, dry
     assert ledger_query(ledger, "select count(*) from runs")[0][0] == before, "a dry run must not record a run"
     assert not (dataset / "nnUNetPlans_2d" / "small_0004.b2nd").exists()
     # and the real run does what the dry run said

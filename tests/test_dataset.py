@@ -101,7 +101,7 @@ def test_config_hash_leaves_out_statistics_no_normalisation_reads() -> None:
         p["configurations"]["3d_fullres"].update(normalization_schemes=schemes, preprocessor_name=preprocessor)
         p["foreground_intensity_properties_per_channel"]["0"]["mean"] = mean
         return (dataset.config_hash(p, "3d_fullres", dj, "2.8.1"),
-                dataset.earlier_config_hash(p, "3d_fullres", dj, "2.8.1"))
+                dataset.earlier_config_hashes(p, "3d_fullres", dj, "2.8.1")[1])
 
     z, z_earlier = hashes(["ZScoreNormalization"])
     assert hashes(["ZScoreNormalization"], mean=2.0)[0] == z  # the new sample's mean is read by nothing
@@ -110,6 +110,30 @@ def test_config_hash_leaves_out_statistics_no_normalisation_reads() -> None:
     assert hashes(["MyNormalization"], mean=2.0)[0] != hashes(["MyNormalization"])[0]
     custom = hashes(["ZScoreNormalization"], "MyPreprocessor")[0]
     assert hashes(["ZScoreNormalization"], "MyPreprocessor", 2.0)[0] != custom
+
+
+def test_config_hash_leaves_out_what_only_training_reads() -> None:
+    """The planner changes a small dataset's batch size as cases are added (it is capped by the dataset's size); no
+    preprocessed file changes with it, or with the network's topology. The patch size sets the arrays' blosc2 chunks:
+    it counts. With another preprocessor class, everything counts."""
+    dj = {"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}
+
+    def hashes(preprocessor: str = "DefaultPreprocessor", **fields: Any) -> tuple[str, tuple[str, ...]]:
+        p = _plans()
+        p["configurations"]["3d_fullres"].update(preprocessor_name=preprocessor, batch_size=2, patch_size=[8, 8, 8],
+                                                 architecture={"n_stages": 4})
+        p["configurations"]["3d_fullres"].update(fields)
+        return (dataset.config_hash(p, "3d_fullres", dj, "2.8.1"),
+                dataset.earlier_config_hashes(p, "3d_fullres", dj, "2.8.1"))
+
+    base, earlier = hashes()
+    for training_only in ({"batch_size": 3}, {"architecture": {"n_stages": 5}}, {"median_image_size_in_voxels": [9]}):
+        now, before = hashes(**training_only)
+        assert now == base, training_only
+        assert before[0] != earlier[0], training_only  # the earlier hash had the whole configuration
+    assert hashes(patch_size=[8, 8, 16])[0] != base
+    assert hashes(spacing=[2, 1, 1])[0] != base
+    assert hashes("MyPreprocessor", batch_size=3)[0] != hashes("MyPreprocessor")[0]
 
 
 def test_circular_inheritance_is_reported() -> None:

@@ -162,8 +162,8 @@ def test_outputs_keyed_on_the_earlier_hash_are_rekeyed(tmp_path: Path) -> None:
     ledger.ensure_outputs([("a", IDENTS[0], "2d"), ("b", IDENTS[0], "2d")])
     ledger.output_done("a", IDENTS[0], "2d", run, "old", "d", [], 0.1, 1)
     ledger.output_done("b", IDENTS[0], "2d", run, "other", "d", [], 0.1, 1)
-    conf = ConfigurationRecord(IDENTS[0], "2d", "P", "new", earlier_hash="old")
-    assert conf.keys() == ("new", "old")
+    conf = ConfigurationRecord(IDENTS[0], "2d", "P", "new", earlier_hashes=("old", "older"))
+    assert conf.keys() == ("new", "old", "older")
     assert ledger.rekey_outputs([conf]) == 1
     hashes = {n: r.outputs[IDENTS[0]].config_hash for n, r in ledger.load_cases().items()}
     assert hashes == {"a": "new", "b": "other"}

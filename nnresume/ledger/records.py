@@ -93,12 +93,13 @@ class ConfigurationRecord:
     configuration: str
     plans_identifier: str
     config_hash: str
-    # the hash outputs were keyed on before (dataset.earlier_config_hash), computed from the current plans; not stored
-    earlier_hash: Optional[str] = None
+    # the hashes outputs were keyed on before (dataset.earlier_config_hashes), computed from the current plans; not
+    # stored
+    earlier_hashes: tuple[str, ...] = ()
 
     def keys(self) -> tuple[str, ...]:
         """The config hashes an output may be keyed on to be up to date."""
-        return (self.config_hash,) if self.earlier_hash is None else (self.config_hash, self.earlier_hash)
+        return (self.config_hash, *self.earlier_hashes)
 
 
 @dataclass

@@ -286,9 +286,11 @@ class CaseState(LedgerCore):
         n = 0
         with self._write() as s:
             for c in configurations:
-                if c.earlier_hash is not None and c.earlier_hash != c.config_hash:
+                for earlier in c.earlier_hashes:
+                    if earlier == c.config_hash:
+                        continue
                     result: Any = s.execute(update(Output).where(Output.data_identifier == c.data_identifier,
-                                                                 Output.config_hash == c.earlier_hash)
+                                                                 Output.config_hash == earlier)
                                             .values(config_hash=c.config_hash))
                     n += result.rowcount
         return n

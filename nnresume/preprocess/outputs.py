@@ -23,7 +23,7 @@ from ..dataset import (
     CaseFiles,
     DatasetLayout,
     config_hash,
-    earlier_config_hash,
+    earlier_config_hashes,
     gt_hash,
     output_names,
     resolve_configuration,
@@ -81,7 +81,7 @@ def configurations_in_scope(ctx: RunContext, plans: dict[str, Any], dataset_json
         seen[ident] = name
         scope.append(ConfigurationRecord(ident, name, plans["plans_name"],
                                          config_hash(plans, name, dataset_json, ctx.nnunetv2_version),
-                                         earlier_config_hash(plans, name, dataset_json, ctx.nnunetv2_version)))
+                                         earlier_config_hashes(plans, name, dataset_json, ctx.nnunetv2_version)))
     scope.append(ConfigurationRecord(GT_IDENTIFIER, GT_IDENTIFIER, plans["plans_name"], gt_hash(dataset_json)))
     return scope
 
