@@ -7,8 +7,10 @@ Steps (each printed as it ends, and written to --json / a section of --report):
 2. cold `nnresume preprocess` (wall time, orchestrator peak RSS);
 3. no-op rerun; 4. `nnresume status`; 5. `nnresume preprocess --dry-run`;
 6. ledger size on disk;
-7. ten cases added, rerun: every fingerprint is redone (nnU-Net's foreground sampling depends on the case count),
-   while the preprocessed outputs of the old cases are kept only if their configuration did not change.
+7. ten cases added, rerun: the ten cases' fingerprints are computed (the others' samples for the lower count are
+   made from their results, worker/samples.py), the dataset fingerprint and the plans are made again, and the old
+   cases' outputs are kept if what the preprocessor reads did not change (the channel here is named "CT": CT
+   normalisation reads the dataset's statistics, so they are redone; scripts/bench_growth.py uses a z-scored one).
 
 It takes a long time (the cold run is nnU-Net's own work on every case); it is not part of the test suite.
 
