@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any, Optional
 
@@ -243,6 +244,42 @@ def extract_fingerprint(**options: Any) -> None:
 def plan_experiment(**options: Any) -> None:
     """Fingerprint (what is not done yet) and plan (nnUNetv2_plan_experiment; preprocess --no_pp)."""
     _run_steps("plan", **options)
+
+
+@main.command(cls=NnUNetStyleCommand)
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("-d", "dataset", default=None, help="Compare with the network this dataset's plans build.")
+@click.option("-c", "configuration", default=None, help="Configuration (default: the checkpoint's).")
+@click.option("-p", "plans", default=None, help="Plans identifier (default: nnUNetPlans).")
+@click.option("-tr", "trainer", default=None, help="The trainer class that is to load it.")
+@click.option("--fix", is_flag=True, help="Write a repaired copy beside it (<name>.fixed.pth) when a repair is safe.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def checkpoint(path: str, dataset: Optional[str], configuration: Optional[str], plans: Optional[str],
+               trainer: Optional[str], fix: bool, as_json: bool) -> None:
+    """What is wrong with an nnU-Net checkpoint (truncated, a wrapper's key prefixes, another network, trainer or
+    plans), without training; exit 0 when nnU-Net can load it, 1 when it cannot be read, 3 when problems were
+    found."""
+    from pathlib import Path
+
+    from .dataset import layout_for
+    from .train import checkpoint as doctor
+
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    name = layout_for(dataset, os.environ.get("nnUNet_raw", ""), preprocessed or "").name if dataset else None
+    try:
+        d = doctor.diagnose(Path(path), Path(preprocessed) if preprocessed else None, name, plans, configuration,
+                            trainer)
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(json.dumps(doctor.as_dict(d), indent=1) if as_json else doctor.render(d))
+    if fix and d.fixable:
+        target = doctor.fix(Path(path))
+        click.echo(f"repaired copy written: {target} (the original is unchanged)", err=True)
+        sys.exit(EXIT_OK)
+    if fix and d.readable and d.problems:
+        click.echo("no repair written: " + ("the problems are not prefixes" if d.prefixed else "nothing to repair "
+                                            "by renaming keys"), err=True)
+    sys.exit(d.exit_code)
 
 
 @main.command(cls=NnUNetStyleCommand)

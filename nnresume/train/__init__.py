@@ -1,0 +1,1 @@
+"""Training: nnU-Net's checkpoints, looked at and repaired (checkpoint.py)."""
